@@ -1,0 +1,236 @@
+"""Meta-format checkpoints: finding shards, loading them safely, and cutting any shard layout into any other.
+
+One table (``SPLIT_DIM``) says how each Llama 2 tensor is split across model-parallel ranks; every
+shard's expected shape, and every rank's slice of the full tensor, follows from it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from llama.args import ModelArgs, check_model_parallel_size, local_head_counts
+from llama.errors import CheckpointError
+
+StateDict = Dict[str, torch.Tensor]
+
+# Dimension each tensor is split on across ranks (None: replicated), as fairscale's layers split them:
+# ColumnParallelLinear on dim 0, RowParallelLinear on dim 1, ParallelEmbedding on the embedding dim (1).
+SPLIT_DIM: Dict[str, Optional[int]] = {
+    "tok_embeddings.weight": 1,
+    "norm.weight": None,
+    "output.weight": 0,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "feed_forward.w3.weight": 0,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+}
+KV_KEYS = ("attention.wk.weight", "attention.wv.weight")
+# Present in Meta's first Llama checkpoints; recomputed by the model, so skipped.
+IGNORED_KEYS = frozenset({"rope.freqs"})
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
+_SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
+
+
+def _kind(key: str) -> str:
+    """The ``SPLIT_DIM`` entry of a state-dict key: ``layers.3.attention.wq.weight`` -> ``attention.wq.weight``."""
+    match = _LAYER_KEY.fullmatch(key)
+    return match.group(2) if match else key
+
+
+def _kind_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
+    """Full shape of each ``SPLIT_DIM`` entry."""
+    assert args.n_kv_heads is not None
+    d, hidden, vocab = args.dim, args.hidden_dim, args.vocab_size
+    kv = args.n_kv_heads * args.head_dim
+    return {
+        "tok_embeddings.weight": (vocab, d),
+        "norm.weight": (d,),
+        "output.weight": (vocab, d),
+        "attention.wq.weight": (d, d),
+        "attention.wk.weight": (kv, d),
+        "attention.wv.weight": (kv, d),
+        "attention.wo.weight": (d, d),
+        "feed_forward.w1.weight": (hidden, d),
+        "feed_forward.w2.weight": (d, hidden),
+        "feed_forward.w3.weight": (hidden, d),
+        "attention_norm.weight": (d,),
+        "ffn_norm.weight": (d,),
+    }
+
+
+def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor of the unsharded model, in Meta's key order, with its full shape."""
+    kinds = _kind_shapes(args)
+    shapes = {"tok_embeddings.weight": kinds["tok_embeddings.weight"]}
+    for layer in range(args.n_layers):
+        shapes.update({f"layers.{layer}.{kind}": shape for kind, shape in kinds.items() if kind.startswith(("attention", "feed_forward", "ffn"))})
+    shapes["norm.weight"] = kinds["norm.weight"]
+    shapes["output.weight"] = kinds["output.weight"]
+    return shapes
+
+
+def shard_range(key: str, args: ModelArgs, n_shards: int, shard: int) -> Tuple[int, int]:
+    """[start, stop) of the full tensor, along its split dim, that shard ``shard`` of ``n_shards`` holds.
+
+    Past ``n_kv_heads`` shards, each shard holds a copy of the one KV head its query heads use.
+    """
+    kind = _kind(key)
+    dim = SPLIT_DIM[kind]
+    assert dim is not None, f"{key} is replicated"
+    if kind in KV_KEYS:
+        assert args.n_kv_heads is not None
+        _, n_local_kv_heads = local_head_counts(args, n_shards)
+        first_head = shard * args.n_kv_heads // n_shards
+        return first_head * args.head_dim, (first_head + n_local_kv_heads) * args.head_dim
+    size = _kind_shapes(args)[kind][dim] // n_shards
+    return shard * size, (shard + 1) * size
+
+
+def shard_shape(key: str, args: ModelArgs, n_shards: int, shard: int, full: Tuple[int, ...]) -> Tuple[int, ...]:
+    dim = SPLIT_DIM[_kind(key)]
+    if dim is None:
+        return full
+    start, stop = shard_range(key, args, n_shards, shard)
+    return full[:dim] + (stop - start,) + full[dim + 1 :]
+
+
+def find_shards(ckpt_dir: Path) -> List[Path]:
+    """The ``*.pth`` shards of a checkpoint folder, sorted by name; a gap in Meta's numbering is an error."""
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {ckpt_dir} not found")
+    paths = sorted(ckpt_dir.glob("*.pth"))
+    if not paths:
+        raise FileNotFoundError(f"no checkpoint files (*.pth) found in {ckpt_dir}")
+    numbers = [int(m.group(1)) for m in map(_SHARD_NAME.fullmatch, (p.name for p in paths)) if m]
+    if len(numbers) == len(paths):
+        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        if missing:
+            names = ", ".join(f"consolidated.{i:02d}.pth" for i in missing)
+            raise FileNotFoundError(f"{ckpt_dir} holds {len(paths)} shard(s) but is missing {names}")
+    return paths
+
+
+def load_shard(path: Path) -> StateDict:
+    """Memory-map one shard; only tensors and plain containers are unpickled, never code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint shard {path} not found") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects other than tensors, which are not loaded (weights_only=True): {e}") from e
+    except (RuntimeError, OSError, EOFError) as e:
+        raise CheckpointError(f"{path} could not be read as a torch checkpoint (truncated, or not saved by torch.save?): {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path} must hold a state dict mapping tensor names to tensors")
+    return {k: v for k, v in state.items() if k not in IGNORED_KEYS}
+
+
+def check_shards(shards: Sequence[StateDict], paths: Sequence[Path], args: ModelArgs) -> None:
+    """Every shard holds exactly the model's tensors, each with the shape its shard layout gives."""
+    check_model_parallel_size_of_checkpoint(args, len(shards), paths)
+    expected = full_shapes(args)
+    for i, (shard, path) in enumerate(zip(shards, paths)):
+        missing = [k for k in expected if k not in shard]
+        unexpected = [k for k in shard if k not in expected]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {_some(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {_some(unexpected)}")
+            raise CheckpointError(f"{path} does not match params.json (n_layers={args.n_layers}): {'; '.join(parts)}")
+        for key, full in expected.items():
+            want = shard_shape(key, args, len(shards), i, full)
+            got = tuple(shard[key].shape)
+            if got != want:
+                raise CheckpointError(
+                    f"tensor {key} in {path} has shape {got}, expected {want} from params.json, "
+                    f"vocab_size={args.vocab_size} and {len(shards)} shard(s)"
+                )
+
+
+def check_model_parallel_size_of_checkpoint(args: ModelArgs, n_shards: int, paths: Sequence[Path]) -> None:
+    try:
+        check_model_parallel_size(args, n_shards)
+    except CheckpointError as e:
+        raise CheckpointError(f"{paths[0].parent} has {n_shards} shards, which this params.json cannot have been split into: {e}") from None
+
+
+def _some(keys: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def slice_for_rank(key: str, shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of tensor ``key`` on ``n_ranks`` ranks, read from shards of any count (views where possible)."""
+    dim = SPLIT_DIM[_kind(key)]
+    if dim is None:
+        return shards[0][key]
+    start, stop = shard_range(key, args, n_ranks, rank)
+    pieces, seen = [], set()
+    for i, shard in enumerate(shards):
+        src_start, src_stop = shard_range(key, args, len(shards), i)
+        if (src_start, src_stop) in seen:  # a replicated KV head: its first copy serves
+            continue
+        seen.add((src_start, src_stop))
+        lo, hi = max(start, src_start), min(stop, src_stop)
+        if lo < hi:
+            pieces.append(shard[key].narrow(dim, lo - src_start, hi - lo))
+    assert sum(p.shape[dim] for p in pieces) == stop - start, f"{key}: shards do not cover [{start}, {stop})"
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def state_dict_for_rank(
+    shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int,
+    device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+) -> StateDict:
+    """The state dict of one rank out of n_ranks, converted tensor by tensor so peak memory stays near one rank's share."""
+    return {
+        key: slice_for_rank(key, shards, args, n_ranks, rank).to(device=device, dtype=dtype).contiguous()
+        for key in full_shapes(args)
+    }
+
+
+def load_checkpoint(
+    ckpt_dir: Path, args: ModelArgs, n_ranks: int, rank: int,
+    device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+) -> StateDict:
+    """Read the shards of ckpt_dir (any count) and return rank's state dict for n_ranks model-parallel ranks."""
+    check_model_parallel_size(args, n_ranks)
+    paths = find_shards(ckpt_dir)
+    shards = [load_shard(p) for p in paths]
+    check_shards(shards, paths, args)
+    return state_dict_for_rank(shards, args, n_ranks, rank, device, dtype)
+
+
+def infer_vocab_size(ckpt_dir: Path) -> int:
+    """The vocabulary size a checkpoint was trained with (rows of ``tok_embeddings.weight``)."""
+    path = find_shards(ckpt_dir)[0]
+    shard = load_shard(path)
+    if "tok_embeddings.weight" not in shard:
+        raise CheckpointError(f"{path} has no tok_embeddings.weight to read the vocabulary size from")
+    return int(shard["tok_embeddings.weight"].shape[0])
+
+
+def write_shards(out_dir: Path, shards: Sequence[StateDict], args: ModelArgs, n_shards: int) -> List[Path]:
+    """Write ``consolidated.NN.pth`` for n_shards ranks, cut from ``shards`` (any count), one file at a time."""
+    check_model_parallel_size(args, n_shards)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for rank in range(n_shards):
+        state = {key: slice_for_rank(key, shards, args, n_shards, rank).clone() for key in full_shapes(args)}
+        path = out_dir / f"consolidated.{rank:02d}.pth"
+        torch.save(state, path)
+        paths.append(path)
+        del state
+    return paths

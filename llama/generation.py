@@ -1,0 +1,260 @@
+"""``Llama``: Meta's public API (``build``, ``generate``, ``text_completion``, ``chat_completion``) over the pieces beside it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from llama import distributed
+from llama.args import ModelArgs, check_model_parallel_size, load_params
+from llama.chat_format import (
+    UNSAFE_ERROR,
+    ChatPrediction,
+    CompletionPrediction,
+    Dialog,
+    check_dialog,
+    encode_dialog,
+    has_special_tags,
+)
+from llama.checkpoint import load_checkpoint
+from llama.errors import CheckpointError, InputError
+from llama.model import Transformer
+from llama.sampling import next_token, token_logprobs
+from llama.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: PathLike,
+        tokenizer_path: PathLike,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        *,
+        device: Union[str, torch.device, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+    ) -> "Llama":
+        """Load a Meta-format checkpoint of any shard count onto this process's model-parallel rank.
+
+        Works under torchrun or from a plain ``python`` process (a group of one). ``device`` defaults to
+        ``cuda:LOCAL_RANK``, else ``mps``, else ``cpu``; ``dtype`` to the fastest the device computes well.
+        """
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        start_time = time.time()
+        run_device = distributed.resolve_device(device)
+        run_dtype = distributed.resolve_dtype(dtype, run_device)
+        distributed.init_process_group(run_device)
+        n_ranks = distributed.init_model_parallel(model_parallel_size)
+        distributed.silence_stdout_off_rank0()
+        if distributed.rank() == 0:
+            logger.info("running on %s in %s", run_device, run_dtype)
+
+        error: Optional[BaseException] = None
+        try:
+            model, tokenizer = _load(Path(ckpt_dir), Path(tokenizer_path), max_seq_len, max_batch_size, n_ranks, run_device, run_dtype)
+        except Exception as e:  # every rank must learn of it, or the others wait for this one forever
+            error = e
+        distributed.raise_if_any_rank_failed(error, "loading the checkpoint", run_device)
+        logger.info("loaded in %.2f seconds", time.time() - start_time)
+        return Llama(model, tokenizer, seed=seed)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.output.weight.device
+        # A generator of our own: user code drawing random numbers cannot shift what is sampled.
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt by up to max_gen_len tokens, stopping a row at EOS.
+
+        Returns the generated tokens (with the prompt if echo) and, if logprobs, each token's log-probability
+        (0.0 for the first token of an echoed prompt, which nothing predicts). More prompts than max_batch_size
+        run in consecutive batches.
+        """
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        batch = self.model.params.max_batch_size
+        out_tokens: List[List[int]] = []
+        out_logprobs: List[List[float]] = []
+        for first in range(0, len(prompt_tokens), batch):
+            tokens, scores = self._generate_batch(prompt_tokens[first : first + batch], max_gen_len, temperature, top_p, logprobs, echo)
+            out_tokens += tokens
+            out_logprobs += scores
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def _check_generate_args(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float, top_p: float) -> None:
+        max_seq_len = self.model.params.max_seq_len
+        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
+            raise InputError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise InputError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+        for i, prompt in enumerate(prompt_tokens):
+            if len(prompt) == 0:
+                raise InputError(f"prompt_tokens[{i}] is empty: each prompt needs at least one token (BOS)")
+            if len(prompt) > max_seq_len:
+                raise InputError(
+                    f"prompt_tokens[{i}] has {len(prompt)} tokens, which exceeds max_seq_len={max_seq_len}; "
+                    "pass a larger max_seq_len to Llama.build or shorten the prompt"
+                )
+            bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < self.model.vocab_size), None)
+            if bad is not None:
+                raise InputError(f"prompt_tokens[{i}] holds {bad!r}, which is not a token id in [0, {self.model.vocab_size})")
+
+    def _generate_batch(
+        self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool, echo: bool
+    ) -> Tuple[List[List[int]], List[List[float]]]:
+        """Meta's decode loop: one prefill of the shortest prompt's length, then a token at a time for every row."""
+        bsz = len(prompt_tokens)
+        prompt_lens = [len(t) for t in prompt_tokens]
+        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
+        total_len = min(self.model.params.max_seq_len, max_gen_len + max_prompt_len)
+        pad_id = self.tokenizer.pad_id
+        eos_id = self.tokenizer.eos_id
+
+        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=self.device)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
+        input_text_mask = tokens != pad_id
+        scores = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
+        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+
+        with distributed.peer_failures("generating"):
+            if min_prompt_len == total_len:  # nothing to generate: only score the prompts
+                if logprobs:
+                    logits = self.model.forward(tokens, 0)
+                    # The reference scores each token against its own position; the logits at i predict i + 1.
+                    scores[:, 1:] = token_logprobs(logits[:, :-1], tokens[:, 1:], pad_id)
+            prev_pos = 0
+            for cur_pos in range(min_prompt_len, total_len):
+                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not logprobs)
+                chosen = distributed.broadcast_tokens(next_token(logits[:, -1], temperature, top_p, self.generator))
+                # Rows still inside their prompt keep the prompt's token.
+                chosen = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], chosen)
+                tokens[:, cur_pos] = chosen
+                if logprobs:
+                    scores[:, prev_pos + 1 : cur_pos + 1] = token_logprobs(logits, tokens[:, prev_pos + 1 : cur_pos + 1], pad_id)
+                eos_reached |= (~input_text_mask[:, cur_pos]) & (chosen == eos_id)
+                prev_pos = cur_pos
+                if bool(eos_reached.all()):
+                    break
+
+        out_tokens, out_scores = [], []
+        all_scores = scores.tolist() if logprobs else None
+        for i, row in enumerate(tokens.tolist()):
+            start = 0 if echo else prompt_lens[i]
+            end = prompt_lens[i] + max_gen_len
+            toks = row[start:end]
+            # Cut at the first EOS the model generated; an EOS inside an echoed prompt stays.
+            generated_from = prompt_lens[i] - start
+            if eos_id in toks[generated_from:]:
+                toks = toks[: toks.index(eos_id, generated_from)]
+            out_tokens.append(toks)
+            out_scores.append(all_scores[i][start : start + len(toks)] if all_scores is not None else [])
+        return out_tokens, out_scores
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        """Complete each prompt; max_gen_len defaults to max_seq_len - 1."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, got a single str; wrap it in a list")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}: {prompt!r:.80}")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        generation_tokens, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        if logprobs:
+            assert generation_logprobs is not None
+            return [
+                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for t, lp in zip(generation_tokens, generation_logprobs)
+            ]
+        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """Answer each dialog as the assistant, in Llama 2's chat format; max_gen_len defaults to max_seq_len - 1.
+
+        A dialog that contains the format's own tags ([INST], <<SYS>>, ...) is not run and gets the reference's
+        refusal text.
+        """
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        for i, dialog in enumerate(dialogs):
+            check_dialog(dialog, i)
+        unsafe = [has_special_tags(dialog) for dialog in dialogs]
+        safe_prompts = [encode_dialog(d, self.tokenizer.encode) for d, bad in zip(dialogs, unsafe) if not bad]
+        generation_tokens, generation_logprobs = self.generate(safe_prompts, max_gen_len, temperature, top_p, logprobs)
+        answers = iter(zip(generation_tokens, generation_logprobs or [[]] * len(generation_tokens)))
+        predictions: List[ChatPrediction] = []
+        for bad in unsafe:
+            tokens, scores = ([], []) if bad else next(answers)
+            content = UNSAFE_ERROR if bad else self.tokenizer.decode(tokens)
+            prediction: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
+            if logprobs:
+                prediction["tokens"] = [self.tokenizer.decode([x]) for x in tokens]
+                prediction["logprobs"] = scores
+            predictions.append(prediction)
+        return predictions
+
+
+def _load(
+    ckpt_dir: Path, tokenizer_path: Path, max_seq_len: int, max_batch_size: int, n_ranks: int, device: torch.device, dtype: torch.dtype
+) -> Tuple[Transformer, Tokenizer]:
+    """Tokenizer, params and this rank's weights, assigned into a model built on the meta device."""
+    tokenizer = Tokenizer(tokenizer_path)
+    params_path = ckpt_dir / "params.json"
+    params = load_params(params_path)
+    args = ModelArgs.from_params(params, source=str(params_path), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    if args.vocab_size == -1:
+        args.vocab_size = tokenizer.n_words
+    elif args.vocab_size != tokenizer.n_words:
+        raise CheckpointError(
+            f"{params_path} has vocab_size={args.vocab_size} but the tokenizer {tokenizer_path} has {tokenizer.n_words} words; "
+            "the tokenizer must be the one the checkpoint was trained with"
+        )
+    check_model_parallel_size(args, n_ranks)
+    state_dict = load_checkpoint(ckpt_dir, args, n_ranks, distributed.model_parallel_rank(), device, dtype)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state_dict, assign=True, strict=True)
+    model.setup_caches(max_batch_size, max_seq_len, device=device, dtype=dtype)
+    model.eval()
+    return model, tokenizer

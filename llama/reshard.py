@@ -1,0 +1,54 @@
+"""``python -m llama.reshard SRC_DIR DST_DIR --mp N``: rewrite a checkpoint as N shards, in Meta's format.
+
+Reads the source shards memory-mapped and writes one target shard at a time; ``params.json`` (and
+``tokenizer.model``, if there) are copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+from llama.args import ModelArgs, load_params
+from llama.checkpoint import check_shards, find_shards, infer_vocab_size, load_shard, write_shards
+
+logger = logging.getLogger(__name__)
+
+
+def reshard(src_dir: Path, dst_dir: Path, model_parallel_size: int) -> list[Path]:
+    """Write src_dir's checkpoint into dst_dir as model_parallel_size shards; return the shard paths."""
+    if src_dir.resolve() == dst_dir.resolve():
+        raise ValueError(f"the destination {dst_dir} is the source folder; pick another one")
+    params_path = src_dir / "params.json"
+    params = load_params(params_path)
+    args = ModelArgs.from_params(params, source=str(params_path))
+    if args.vocab_size == -1:
+        args.vocab_size = infer_vocab_size(src_dir)
+    paths = find_shards(src_dir)
+    shards = [load_shard(p) for p in paths]
+    check_shards(shards, paths, args)
+    written = write_shards(dst_dir, shards, args, model_parallel_size)
+    for name in ("params.json", "tokenizer.model"):
+        if (src_dir / name).is_file():
+            shutil.copyfile(src_dir / name, dst_dir / name)
+    logger.info("wrote %d shard(s) of %s into %s", len(written), src_dir, dst_dir)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src_dir", type=Path)
+    parser.add_argument("dst_dir", type=Path)
+    parser.add_argument("--mp", type=int, required=True, help="number of shards to write (the model-parallel size)")
+    cli = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        reshard(cli.src_dir, cli.dst_dir, cli.mp)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"llama.reshard: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

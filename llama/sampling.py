@@ -1,0 +1,38 @@
+"""Next-token choice and token scoring: pure tensor functions."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Sample from the smallest set of tokens whose probability mass reaches p (nucleus sampling).
+
+    probs: (bsz, vocab_size) rows summing to 1; returns (bsz, 1) token ids.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    # A token stays when the mass before it is at most p, so the first token always stays.
+    probs_sort[probs_sum - probs_sort > p] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(bsz, vocab_size) logits -> (bsz,) token ids: argmax at temperature 0, else top-p sampling."""
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return sample_top_p(probs, top_p, generator).reshape(-1)
+    return torch.argmax(logits, dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Log-probability of each target under the logits at the same position: (bsz, seqlen, vocab) -> (bsz, seqlen).
+
+    Targets equal to ignore_index (padding) score 0.
+    """
+    return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=ignore_index)
