@@ -10,6 +10,7 @@ import argparse
 import io
 import json
 import math
+import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -74,13 +75,22 @@ def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch
     return state
 
 
-def make_demo_checkpoint(out_dir: Path, n_shards: int = 1, seed: int = 0, params: Optional[dict] = None, vocab_size: int = 512) -> Path:
-    """Write a random checkpoint of ``n_shards`` shards and its tokenizer into out_dir; return out_dir."""
-    params = dict(DEMO_PARAMS if params is None else params)
-    tokenizer_path = train_tokenizer(out_dir / "tokenizer.model", vocab_size)
+def make_demo_checkpoint(
+    out_dir: Path, n_shards: int = 1, seed: int = 0, params: Optional[dict] = None, tokenizer_path: Optional[Path] = None
+) -> Path:
+    """Write a random checkpoint of ``n_shards`` shards and its tokenizer into out_dir; return out_dir.
+
+    The tokenizer is trained on the bundled corpus unless ``tokenizer_path`` gives one to copy.
+    """
     from llama.tokenizer import Tokenizer
 
-    args = ModelArgs.from_params(params, vocab_size=Tokenizer(tokenizer_path).n_words)
+    params = dict(DEMO_PARAMS if params is None else params)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_path is None:
+        train_tokenizer(out_dir / "tokenizer.model")
+    else:
+        shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+    args = ModelArgs.from_params(params, vocab_size=Tokenizer(out_dir / "tokenizer.model").n_words)
     (out_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     write_shards(out_dir, [random_state_dict(args, seed)], args, n_shards)
     return out_dir
