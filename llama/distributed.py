@@ -155,7 +155,10 @@ def peer_failures(what: str) -> Iterator[None]:
     """Turn a collective that failed because a peer died or timed out into a ``DistributedError`` naming ``what``."""
     try:
         yield
-    except dist.DistError as e:
+    except RuntimeError as e:
+        # NCCL raises DistError; gloo a plain RuntimeError from its transport ("Connection reset by peer", "Timed out").
+        if not isinstance(e, dist.DistError) and "gloo" not in str(e):
+            raise
         raise DistributedError(f"rank {rank()}: another rank failed, exited or timed out while {what}: {e}") from e
 
 

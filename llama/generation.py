@@ -135,9 +135,10 @@ class Llama:
         eos_id = self.tokenizer.eos_id
 
         tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=self.device)
+        input_text_mask = torch.zeros((bsz, total_len), dtype=torch.bool, device=self.device)
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
-        input_text_mask = tokens != pad_id
+            input_text_mask[k, : len(t)] = True  # from the lengths: a prompt may hold the pad id itself
         scores = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
         eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
 
