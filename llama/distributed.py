@@ -5,17 +5,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
+from llama import shm_group
 from llama.errors import DistributedError, InputError
 
 logger = logging.getLogger(__name__)
+
+# Set by setup_collectives when every rank of this process's model-parallel group runs on this host's CPU.
+_shared_memory: Optional[shm_group.SharedMemoryGroup] = None
 
 DEFAULT_TIMEOUT_S = 600.0
 _DTYPE_NAMES = {
@@ -178,11 +184,78 @@ def raise_if_any_rank_failed(error: Optional[BaseException], what: str, device: 
         raise DistributedError(f"rank {rank()}: rank(s) {failed_ranks} failed while {what}; their own output names the cause")
 
 
+def setup_collectives(device: torch.device, slot_bytes: int) -> None:
+    """Collective: use shared memory for the model-parallel group's small collectives when all its ranks share this CPU.
+
+    ``LLAMA_SHM_COLLECTIVES=0`` keeps torch.distributed for everything.
+    """
+    global _shared_memory
+    _shared_memory = None
+    size = model_parallel_size()
+    if size == 1 or device.type != "cpu" or os.environ.get("LLAMA_SHM_COLLECTIVES", "1") == "0" or not shm_group.supported():
+        return
+    group = fs_init.get_model_parallel_group()
+    peers: list = [None] * size
+    dist.all_gather_object(peers, (_host_id(), os.getpid()), group=group)
+    if len({host for host, _ in peers}) > 1:
+        return
+    path = [shm_group.new_segment_path()]
+    dist.broadcast_object_list(path, src=fs_init.get_model_parallel_src_rank(), group=group)
+    pids = [pid for _, pid in peers]
+    group_rank = model_parallel_rank()
+    error: Optional[BaseException] = None
+    try:
+        if group_rank == 0:
+            created = shm_group.SharedMemoryGroup(path[0], 0, size, pids, slot_bytes, timeout().total_seconds(), create=True)
+        dist.barrier(group=group)
+        if group_rank != 0:
+            created = shm_group.SharedMemoryGroup(path[0], group_rank, size, pids, slot_bytes, timeout().total_seconds(), create=False)
+    except OSError as e:
+        error = e
+    failed = torch.tensor([int(error is not None)])
+    dist.all_reduce(failed, group=group)  # also orders the unlink after every rank has opened the file
+    if group_rank == 0:
+        path[0].unlink(missing_ok=True)  # the mapping lives on; nothing is left behind if a rank dies
+    if failed.item():
+        logger.warning("shared-memory collectives unavailable (%s); using %s", error, dist.get_backend())
+        return
+    _shared_memory = created
+    logger.info("model-parallel collectives through shared memory (%d ranks on this host)", size)
+
+
+def _host_id() -> str:
+    boot_id = Path("/proc/sys/kernel/random/boot_id")
+    return socket.gethostname() + (":" + boot_id.read_text().strip() if boot_id.is_file() else "")
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the model-parallel group."""
+    if model_parallel_size() == 1:
+        return tensor
+    if _shared_memory is not None and _shared_memory.fits(tensor):
+        return _shared_memory.all_reduce(tensor)
+    dist.all_reduce(tensor, group=fs_init.get_model_parallel_group())
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The model-parallel group's tensors concatenated in rank order along dim."""
+    size = model_parallel_size()
+    if size == 1:
+        return tensor
+    if _shared_memory is not None and _shared_memory.fits(tensor):
+        return _shared_memory.all_gather(tensor, dim)
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=fs_init.get_model_parallel_group())
+    return torch.cat(parts, dim=dim)
+
+
 def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """Make every model-parallel rank use the tokens of the group's first rank, so ranks never drift apart."""
-    if model_parallel_size() > 1:
-        group_tokens = tokens.to(_collective_device(tokens.device))
-        with peer_failures("agreeing on the sampled tokens"):
-            dist.broadcast(group_tokens, src=fs_init.get_model_parallel_src_rank(), group=fs_init.get_model_parallel_group())
-        tokens = group_tokens.to(tokens.device)
-    return tokens
+    if model_parallel_size() == 1:
+        return tokens
+    if _shared_memory is not None and _shared_memory.fits(tokens):
+        return _shared_memory.broadcast(tokens, src=0)
+    group_tokens = tokens.to(_collective_device(tokens.device))
+    dist.broadcast(group_tokens, src=fs_init.get_model_parallel_src_rank(), group=fs_init.get_model_parallel_group())
+    return group_tokens.to(tokens.device)

@@ -67,6 +67,9 @@ class Llama:
         except Exception as e:  # every rank must learn of it, or the others wait for this one forever
             error = e
         distributed.raise_if_any_rank_failed(error, "loading the checkpoint", run_device)
+        params = model.params
+        # The largest decode-step tensor: a batch of float32 logits for this rank's share of the vocabulary.
+        distributed.setup_collectives(run_device, 4 * params.max_batch_size * max(params.dim, params.vocab_size // n_ranks))
         logger.info("loaded in %.2f seconds", time.time() - start_time)
         return Llama(model, tokenizer, seed=seed)
 

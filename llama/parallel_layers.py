@@ -1,19 +1,24 @@
 """fairscale's model-parallel layers, built on the meta device so that loading assigns weights without a first copy.
 
 fairscale's own constructors allocate and initialise a full-size master weight on every rank; these
-subclasses keep fairscale's forward (and so its collectives and shard layout) and skip that.
+subclasses keep its attributes and shard layout, skip that, and send their collectives through
+``llama.distributed`` (shared memory between processes on one CPU, else torch.distributed).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
+from llama import distributed
+
 
 def _meta_parameter(*shape: int) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+    # Llama.build constructs under torch.device("meta"); built elsewhere, the weights are uninitialised memory.
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
 def _local_size(size: int, what: str) -> int:
@@ -36,6 +41,10 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
         self.bias = None
         self.master_weight = None
 
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        output = F.linear(input_, self.weight)
+        return distributed.all_gather(output) if self.gather_output else output
+
 
 class RowParallelLinear(fs_layers.RowParallelLinear):
     """``y = x @ W.T`` with W's columns (input features) split across ranks and the outputs all-reduced."""
@@ -49,6 +58,9 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
         self.weight = _meta_parameter(out_features, self.input_size_per_partition)
         self.bias = None
         self.master_weight = None
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce(F.linear(input_, self.weight))
 
 
 class ParallelEmbedding(fs_layers.ParallelEmbedding):
@@ -66,3 +78,6 @@ class ParallelEmbedding(fs_layers.ParallelEmbedding):
         self._weight = None
         self.embedding_dim_per_partition = _local_size(embedding_dim, "embedding_dim")
         self.weight = _meta_parameter(num_embeddings, self.embedding_dim_per_partition)
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        return distributed.all_gather(F.embedding(input_, self.weight))
