@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -58,6 +58,7 @@ class SharedMemoryGroup:
         self._flags = memoryview(self._mmap).cast("q")
         self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self._seq = 0
+        self._views: Dict[tuple, torch.Tensor] = {}
 
     def fits(self, tensor: torch.Tensor) -> bool:
         return tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= self.slot_bytes
@@ -81,9 +82,16 @@ class SharedMemoryGroup:
         return self._slot(bank, src, tensor).clone()
 
     def _slot(self, bank: int, rank: int, like: torch.Tensor) -> torch.Tensor:
-        nbytes = like.numel() * like.element_size()
-        start = self._header + (bank * self.world_size + rank) * self.slot_bytes
-        return self._bytes[start : start + nbytes].view(like.dtype).view(like.shape)
+        """A view of rank's slot in bank, shaped like ``like`` (views are cached: decode repeats a few shapes)."""
+        key = (bank, rank, like.dtype, like.shape)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 256:
+                self._views.clear()
+            nbytes = like.numel() * like.element_size()
+            start = self._header + (bank * self.world_size + rank) * self.slot_bytes
+            view = self._views[key] = self._bytes[start : start + nbytes].view(like.dtype).view(like.shape)
+        return view
 
     def _publish(self, tensor: torch.Tensor) -> int:
         """Write tensor into this rank's slot of the next bank, then wait until every rank has written theirs."""
