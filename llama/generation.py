@@ -69,7 +69,8 @@ class Llama:
         distributed.raise_if_any_rank_failed(error, "loading the checkpoint", run_device)
         params = model.params
         # The largest decode-step tensor: a batch of float32 logits for this rank's share of the vocabulary.
-        distributed.setup_collectives(run_device, 4 * params.max_batch_size * max(params.dim, params.vocab_size // n_ranks))
+        with distributed.peer_failures("setting up the model-parallel collectives"):
+            distributed.setup_collectives(run_device, 4 * params.max_batch_size * max(params.dim, params.vocab_size // n_ranks))
         logger.info("loaded in %.2f seconds", time.time() - start_time)
         return Llama(model, tokenizer, seed=seed)
 
