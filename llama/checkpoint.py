@@ -137,6 +137,7 @@ def load_shard(path: Path) -> StateDict:
 
 def check_shards(shards: Sequence[StateDict], paths: Sequence[Path], args: ModelArgs) -> None:
     """Every shard holds exactly the model's tensors, each with the shape its shard layout gives."""
+    check_no_shard_missing(shards, paths, args)  # first: 3 of 4 shards is a missing file, not a bad size
     check_model_parallel_size_of_checkpoint(args, len(shards), paths)
     expected = full_shapes(args)
     for i, (shard, path) in enumerate(zip(shards, paths)):
@@ -164,6 +165,26 @@ def check_model_parallel_size_of_checkpoint(args: ModelArgs, n_shards: int, path
         check_model_parallel_size(args, n_shards)
     except CheckpointError as e:
         raise CheckpointError(f"{paths[0].parent} has {n_shards} shards, which this params.json cannot have been split into: {e}") from None
+
+
+def check_no_shard_missing(shards: Sequence[StateDict], paths: Sequence[Path], args: ModelArgs) -> None:
+    """Raise ``FileNotFoundError`` naming the missing files if the first shard was cut for more shards than the folder holds.
+
+    ``find_shards`` sees gaps in the numbering; this sees missing last shards (an interrupted download or copy).
+    """
+    embedding = shards[0].get("tok_embeddings.weight")
+    if embedding is None or embedding.dim() != 2 or embedding.shape[1] == 0 or args.dim % embedding.shape[1]:
+        return  # check_shards names what is wrong with it
+    written_for = args.dim // embedding.shape[1]  # tok_embeddings is split on dim 1
+    if written_for > len(shards):
+        if all(_SHARD_NAME.fullmatch(p.name) for p in paths):
+            missing = ", ".join(f"consolidated.{i:02d}.pth" for i in range(len(shards), written_for))
+        else:
+            missing = f"{written_for - len(shards)} shard(s)"
+        raise FileNotFoundError(
+            f"{paths[0]} is one of {written_for} shards (its tok_embeddings.weight is {embedding.shape[1]} of dim={args.dim} wide) "
+            f"but {paths[0].parent} holds {len(shards)}: missing {missing}"
+        )
 
 
 def _some(keys: Sequence[str], limit: int = 5) -> str:

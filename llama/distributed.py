@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 _shared_memory: Optional[shm_group.SharedMemoryGroup] = None
 
 DEFAULT_TIMEOUT_S = 600.0
+_GLOO_PEER_ERRORS = ("gloo", "Connection closed by peer", "Connection reset by peer", "Timed out waiting")
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -122,6 +124,7 @@ def init_process_group(device: torch.device) -> None:
 
 def init_model_parallel(model_parallel_size: Optional[int]) -> int:
     """Set up fairscale's model-parallel groups (all ranks by default) and return their size."""
+    global _shared_memory
     world_size = dist.get_world_size()
     size = world_size if model_parallel_size is None else model_parallel_size
     if not isinstance(size, int) or size < 1 or world_size % size:
@@ -130,7 +133,15 @@ def init_model_parallel(model_parallel_size: Optional[int]) -> int:
         if fs_init.get_model_parallel_world_size() == size:
             return size
         fs_init.destroy_model_parallel()
-    fs_init.initialize_model_parallel(size)
+    _shared_memory = None  # it served the old groups; setup_collectives makes one for the new
+    # fairscale calls dist.new_group without a timeout, which gives its groups torch's default (30 minutes
+    # for gloo), not LLAMA_DIST_TIMEOUT: a hung rank would stall the others for that long.
+    new_group = dist.new_group
+    dist.new_group = functools.partial(new_group, timeout=timeout())
+    try:
+        fs_init.initialize_model_parallel(size)
+    finally:
+        dist.new_group = new_group
     return size
 
 
@@ -163,7 +174,7 @@ def peer_failures(what: str) -> Iterator[None]:
         yield
     except RuntimeError as e:
         # NCCL raises DistError; gloo a plain RuntimeError from its transport ("Connection reset by peer", "Timed out").
-        if not isinstance(e, dist.DistError) and "gloo" not in str(e):
+        if not isinstance(e, dist.DistError) and not any(sign in str(e) for sign in _GLOO_PEER_ERRORS):
             raise
         raise DistributedError(f"rank {rank()}: another rank failed, exited or timed out while {what}: {e}") from e
 
@@ -230,21 +241,23 @@ def _host_id() -> str:
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over the model-parallel group."""
-    if model_parallel_size() == 1:
-        return tensor
+    # Shared memory first: set only for a group of several ranks, it is the decode path, where each check costs
+    # microseconds (caches are cold after a layer's weights stream through them) and fairscale's size lookup is slow.
     if _shared_memory is not None and _shared_memory.fits(tensor):
         return _shared_memory.all_reduce(tensor)
+    if model_parallel_size() == 1:
+        return tensor
     dist.all_reduce(tensor, group=fs_init.get_model_parallel_group())
     return tensor
 
 
 def all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """The model-parallel group's tensors concatenated in rank order along dim."""
+    if _shared_memory is not None and _shared_memory.fits(tensor):  # first, as in all_reduce
+        return _shared_memory.all_gather(tensor, dim)
     size = model_parallel_size()
     if size == 1:
         return tensor
-    if _shared_memory is not None and _shared_memory.fits(tensor):
-        return _shared_memory.all_gather(tensor, dim)
     parts = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(parts, tensor.contiguous(), group=fs_init.get_model_parallel_group())
     return torch.cat(parts, dim=dim)

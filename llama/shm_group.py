@@ -66,8 +66,8 @@ class SharedMemoryGroup:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over ranks, accumulated in float32 in rank order so every rank gets the same bits."""
         bank = self._publish(tensor)
-        total = self._slot(bank, 0, tensor).to(torch.float32, copy=True)
-        for rank in range(1, self.world_size):
+        total = self._slot(bank, 0, tensor).float() + self._slot(bank, 1, tensor)  # a new tensor: slots stay as written
+        for rank in range(2, self.world_size):
             total += self._slot(bank, rank, tensor)
         return total.to(tensor.dtype)
 
