@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -114,12 +115,29 @@ def init_process_group(device: torch.device) -> None:
     else:
         # A plain `python script.py`: a group of one, over an in-process store (no port to pick).
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout())
+    atexit.register(_destroy_process_group)
+    if fs_init.model_parallel_is_initialized():  # its groups belonged to a process group destroyed since
+        fs_init.destroy_model_parallel()
     if device.type == "mps" and dist.get_world_size() > 1:
         raise InputError(
             f"{dist.get_world_size()} processes on MPS: gloo cannot exchange MPS tensors. "
             "Run one process; it loads a checkpoint of any shard count"
         )
     logger.info("process group: backend %s, rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
+
+
+def _destroy_process_group() -> None:
+    """Tear down fairscale's groups, then the process group, before interpreter shutdown would do it in any order.
+
+    Left to shutdown, a gloo group referenced from fairscale's globals sometimes aborts the process on exit
+    ("terminate called without an active exception"), after the work is done.
+    """
+    global _shared_memory
+    _shared_memory = None
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def init_model_parallel(model_parallel_size: Optional[int]) -> int:
@@ -232,6 +250,13 @@ def setup_collectives(device: torch.device, slot_bytes: int) -> None:
         return
     _shared_memory = created
     logger.info("model-parallel collectives through shared memory (%d ranks on this host)", size)
+
+
+def collectives_transport() -> str:
+    """How decode-step collectives travel: "shared memory", the process group's backend, or "none" for a group of one."""
+    if model_parallel_size() == 1:
+        return "none"
+    return "shared memory" if _shared_memory is not None else str(dist.get_backend())
 
 
 def _host_id() -> str:

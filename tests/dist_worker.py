@@ -5,7 +5,7 @@ optional). Each case builds a ``Llama`` (repeated builds in one process are part
 its keys are ``name``, ``ckpt_dir`` (or ``ckpt_dirs``, one per rank), ``prompts``, ``max_gen_len``, and optionally
 ``temperature`` (default 0), ``top_p``, ``seed`` plus ``seed_per_rank`` (added times the rank) and
 ``model_parallel_size``. Writes ``OUT_DIR/rank{RANK}.json``:
-``{"rank", "world_size", "results": {name: {"tokens", "logprobs", "seed"}}, "error"}``, where ``error`` is
+``{"rank", "world_size", "results": {name: {"tokens", "logprobs", "seed", "transport"}}, "error"}``, where ``error`` is
 ``{"type", "message"}`` of an exception that is then re-raised, so the exit status shows it too.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from llama import Llama  # noqa: E402
+from llama import Llama, distributed  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def run_case(case: Dict[str, Any], rank: int) -> Dict[str, Any]:
     tokens, logprobs = generator.generate(
         case["prompts"], case["max_gen_len"], temperature=case.get("temperature", 0.0), top_p=case.get("top_p", 0.9), logprobs=True,
     )
-    return {"tokens": tokens, "logprobs": logprobs, "seed": seed}
+    return {"tokens": tokens, "logprobs": logprobs, "seed": seed, "transport": distributed.collectives_transport()}
 
 
 def write_json(path: Path, data: Dict[str, Any]) -> None:

@@ -27,6 +27,9 @@ WORKER = str(ROOT / "tests" / "dist_worker.py")
 COUNTS = (1, 2, 4)
 PROMPTS = [[1, 20, 30, 40, 50], [1, 60]]  # unequal lengths: prefill of the shorter, then prompt tokens kept for the longer
 MAX_GEN_LEN = 8
+# Their prefill activations outgrow a shared-memory slot (sized for one decode step), so it goes over gloo, then decode
+# goes through shared memory: both transports in one generation.
+LONG_PROMPTS = [[1] + list(range(100, 140)), [1] + list(range(300, 330))]
 SAMPLING = dict(temperature=1.0, top_p=0.95, max_gen_len=16)
 MID_DECODE = 4  # Transformer.forward call 1 is the prefill, the rest are decode steps
 FAULT_TIMEOUT_S = 20  # LLAMA_DIST_TIMEOUT in the fault tests: a survivor that only stops at this timeout did not detect the fault
@@ -104,6 +107,7 @@ def on_two(checkpoints: Dict[int, Path], resharded: Path, tmp_path_factory: pyte
     cases.insert(1, {**greedy_case("model_parallel_size 1", checkpoints[2]), "model_parallel_size": 1})
     cases.append({"name": "sampled", "ckpt_dir": str(checkpoints[2]), "prompts": PROMPTS, "seed": 1, "seed_per_rank": 1000, **SAMPLING})
     cases.append(greedy_case("resharded", resharded))
+    cases.append({**greedy_case("long prompts", checkpoints[2]), "prompts": LONG_PROMPTS})
     return torchrun(2, cases, tmp_path_factory.mktemp("on_two"))
 
 
@@ -128,6 +132,13 @@ def test_k_shards_on_n_processes_equal_one_process_on_unsharded_weights(
         assert_matches(report["results"][f"{k} shards"], reference)
 
 
+def test_collectives_go_through_shared_memory_on_one_host(on_two: List[Report], on_four: List[Report]) -> None:
+    for report in on_two + on_four:
+        transports = {name: result["transport"] for name, result in report["results"].items()}
+        assert transports.pop("model_parallel_size 1", "none") == "none"
+        assert set(transports.values()) == {"shared memory"}, transports
+
+
 def test_model_parallel_size_one_on_two_processes_runs_a_whole_model_in_each(on_two: List[Report], reference: Tuple[list, list]) -> None:
     for report in on_two:
         assert_matches(report["results"]["model_parallel_size 1"], reference)
@@ -141,6 +152,12 @@ def test_sampling_agrees_across_ranks_whose_seeds_differ(on_two: List[Report], c
     alone = {seed: build(checkpoints[1], seed=seed).generate(PROMPTS, **SAMPLING)[0] for seed in (1, 1001)}
     assert alone[1] != alone[1001], "the two seeds sample the same tokens, so this test could not see ranks drift apart"
     assert rank0 == alone[1]  # the group's first rank decides
+
+
+def test_prefill_over_gloo_then_decode_through_shared_memory_equals_one_process(on_two: List[Report], checkpoints: Dict[int, Path]) -> None:
+    reference = build(checkpoints[1]).generate(LONG_PROMPTS, MAX_GEN_LEN, temperature=0, logprobs=True)
+    for report in on_two:
+        assert_matches(report["results"]["long prompts"], reference)
 
 
 def test_reshard_command_output_loads_and_gives_the_same_tokens(on_two: List[Report], resharded: Path, reference: Tuple[list, list]) -> None:
@@ -185,6 +202,7 @@ def test_two_nodes_of_one_process_each_equal_one_process(checkpoints: Dict[int, 
         assert report["world_size"] == 2 and report["error"] is None
         for k in (1, 2):
             assert_matches(report["results"][f"{k} shards"], reference)
+            assert report["results"][f"{k} shards"]["transport"] == "gloo"
 
 
 # Faults, with the ranks started by hand: torchrun's agent would tear the group down when a rank dies, and so

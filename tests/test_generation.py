@@ -142,6 +142,14 @@ def test_build_twice_in_one_process(ckpt_dir: Path, generator: Llama) -> None:
     assert again.generate(prompts, 5, temperature=0) == generator.generate(prompts, 5, temperature=0)
 
 
+def test_build_after_the_process_group_was_destroyed(ckpt_dir: Path, generator: Llama) -> None:
+    """A script that tears its group down and builds again gets fresh model-parallel groups, not stale ones."""
+    torch.distributed.destroy_process_group()
+    again = build(ckpt_dir)
+    prompts = encode(generator, PROMPTS)
+    assert again.generate(prompts, 5, temperature=0) == generator.generate(prompts, 5, temperature=0)
+
+
 def test_generation_stops_at_max_seq_len(generator: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(generator.tokenizer, "eos_id", -5)  # no token ends a row early
     tokens, _ = generator.generate(encode(generator, ["A"]), max_gen_len=1000, temperature=0)
