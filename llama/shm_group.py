@@ -94,8 +94,7 @@ class SharedMemoryGroup:
         return view
 
     def _publish(self, tensor: torch.Tensor) -> int:
-        """Write tensor into this rank's slot of the next bank, then wait until every rank has written theirs."""
-        assert self.fits(tensor), f"{tensor.numel() * tensor.element_size()} bytes do not fit a {self.slot_bytes}-byte slot"
+        """Write tensor (the caller checked it ``fits``) into this rank's slot of the next bank, then wait for every rank's."""
         self._seq += 1
         bank = self._seq % 2
         self._slot(bank, self.rank, tensor).copy_(tensor)
