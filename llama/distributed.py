@@ -116,8 +116,7 @@ def init_process_group(device: torch.device) -> None:
         # A plain `python script.py`: a group of one, over an in-process store (no port to pick).
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout())
     atexit.register(_destroy_process_group)
-    if fs_init.model_parallel_is_initialized():  # its groups belonged to a process group destroyed since
-        fs_init.destroy_model_parallel()
+    _forget_model_parallel()  # any groups left belonged to a process group destroyed since
     if device.type == "mps" and dist.get_world_size() > 1:
         raise InputError(
             f"{dist.get_world_size()} processes on MPS: gloo cannot exchange MPS tensors. "
@@ -132,17 +131,21 @@ def _destroy_process_group() -> None:
     Left to shutdown, a gloo group referenced from fairscale's globals sometimes aborts the process on exit
     ("terminate called without an active exception"), after the work is done.
     """
-    global _shared_memory
-    _shared_memory = None
-    if fs_init.model_parallel_is_initialized():
-        fs_init.destroy_model_parallel()
+    _forget_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
+def _forget_model_parallel() -> None:
+    """Drop fairscale's model-parallel groups and the shared memory that served them."""
+    global _shared_memory
+    _shared_memory = None
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+
+
 def init_model_parallel(model_parallel_size: Optional[int]) -> int:
     """Set up fairscale's model-parallel groups (all ranks by default) and return their size."""
-    global _shared_memory
     world_size = dist.get_world_size()
     size = world_size if model_parallel_size is None else model_parallel_size
     if not isinstance(size, int) or size < 1 or world_size % size:
@@ -150,8 +153,7 @@ def init_model_parallel(model_parallel_size: Optional[int]) -> int:
     if fs_init.model_parallel_is_initialized():
         if fs_init.get_model_parallel_world_size() == size:
             return size
-        fs_init.destroy_model_parallel()
-    _shared_memory = None  # it served the old groups; setup_collectives makes one for the new
+    _forget_model_parallel()
     # fairscale calls dist.new_group without a timeout, which gives its groups torch's default (30 minutes
     # for gloo), not LLAMA_DIST_TIMEOUT: a hung rank would stall the others for that long.
     new_group = dist.new_group
@@ -232,15 +234,20 @@ def setup_collectives(device: torch.device, slot_bytes: int) -> None:
     dist.broadcast_object_list(path, src=fs_init.get_model_parallel_src_rank(), group=group)
     pids = [pid for _, pid in peers]
     group_rank = model_parallel_rank()
-    error: Optional[BaseException] = None
-    try:
-        if group_rank == 0:
-            created = shm_group.SharedMemoryGroup(path[0], 0, size, pids, slot_bytes, timeout().total_seconds(), create=True)
-        dist.barrier(group=group)
-        if group_rank != 0:
-            created = shm_group.SharedMemoryGroup(path[0], group_rank, size, pids, slot_bytes, timeout().total_seconds(), create=False)
-    except OSError as e:
-        error = e
+    error: Optional[OSError] = None
+
+    def attach(create: bool) -> Optional[shm_group.SharedMemoryGroup]:
+        nonlocal error
+        try:
+            return shm_group.SharedMemoryGroup(path[0], group_rank, size, pids, slot_bytes, timeout().total_seconds(), create=create)
+        except OSError as e:
+            error = e
+            return None
+
+    created = attach(create=True) if group_rank == 0 else None
+    dist.barrier(group=group)  # every rank reaches it, so the file exists before the others open it
+    if group_rank != 0:
+        created = attach(create=False)
     failed = torch.tensor([int(error is not None)])
     dist.all_reduce(failed, group=group)  # also orders the unlink after every rank has opened the file
     if group_rank == 0:
@@ -290,10 +297,10 @@ def all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """Make every model-parallel rank use the tokens of the group's first rank, so ranks never drift apart."""
+    if _shared_memory is not None and _shared_memory.fits(tokens):  # first, as in all_reduce
+        return _shared_memory.broadcast(tokens, src=0)
     if model_parallel_size() == 1:
         return tokens
-    if _shared_memory is not None and _shared_memory.fits(tokens):
-        return _shared_memory.broadcast(tokens, src=0)
     group_tokens = tokens.to(_collective_device(tokens.device))
     dist.broadcast(group_tokens, src=fs_init.get_model_parallel_src_rank(), group=fs_init.get_model_parallel_group())
     return group_tokens.to(tokens.device)
