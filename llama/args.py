@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from llama.errors import CheckpointError
+from llama.validation import to_float, to_int
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +34,14 @@ class ModelArgs:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise CheckpointError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+            setattr(self, name, to_int(name, getattr(self, name), 1, error=CheckpointError))
+        self.vocab_size = to_int("vocab_size", self.vocab_size, -1, error=CheckpointError)
+        if self.vocab_size == 0:
+            raise CheckpointError("vocab_size must be positive, or -1 to take it from the tokenizer; got 0")
+        if self.ffn_dim_multiplier is not None:
+            self.ffn_dim_multiplier = to_float("ffn_dim_multiplier", self.ffn_dim_multiplier, 0, above_minimum=True, error=CheckpointError)
+        self.norm_eps = to_float("norm_eps", self.norm_eps, 0, above_minimum=True, error=CheckpointError)
+        self.rope_theta = to_float("rope_theta", self.rope_theta, 0, above_minimum=True, error=CheckpointError)
         if self.dim % self.n_heads:
             raise CheckpointError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -66,7 +72,10 @@ class ModelArgs:
             else:
                 logger.warning("%s: ignoring unknown field %r (value %r)", source, key, value)
         kwargs.update(overrides)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (CheckpointError, TypeError) as e:  # a value of the wrong type in the file is the file's fault
+            raise CheckpointError(f"{source}: {e}") from None
 
 
 def load_params(path: Path) -> dict:
@@ -74,7 +83,9 @@ def load_params(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a Meta checkpoint folder holds params.json beside its .pth shards")
     try:
-        params = json.loads(path.read_text())
+        params = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}): is it params.json?") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(params, dict):
@@ -89,8 +100,9 @@ def local_head_counts(args: ModelArgs, model_parallel_size: int) -> tuple[int, i
 
 
 def model_parallel_sizes(args: ModelArgs) -> list[int]:
-    """Every model-parallel size this model's tensors split evenly over."""
-    return [n for n in range(1, args.n_heads + 1) if not _split_problems(args, n)]
+    """Every model-parallel size this model's tensors split evenly over (each divides n_heads)."""
+    divisors = {d for i in range(1, math.isqrt(args.n_heads) + 1) if args.n_heads % i == 0 for d in (i, args.n_heads // i)}
+    return [n for n in sorted(divisors) if not _split_problems(args, n)]
 
 
 def check_model_parallel_size(args: ModelArgs, model_parallel_size: int) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -20,11 +23,13 @@ from llama.chat_format import (
     encode_dialog,
     has_special_tags,
 )
-from llama.checkpoint import load_checkpoint
+from llama.checkpoint import infer_vocab_size, load_checkpoint
 from llama.errors import CheckpointError, InputError
+from llama.memory import check_fits
 from llama.model import Transformer
 from llama.sampling import next_token, token_logprobs
 from llama.tokenizer import Tokenizer
+from llama.validation import batch_of_token_lists, to_bool, to_float, to_int, to_list, to_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +54,14 @@ class Llama:
         Works under torchrun or from a plain ``python`` process (a group of one). ``device`` defaults to
         ``cuda:LOCAL_RANK``, else ``mps``, else ``cpu``; ``dtype`` to the fastest the device computes well.
         """
-        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        ckpt_dir, tokenizer_path = _path("ckpt_dir", ckpt_dir), _path("tokenizer_path", tokenizer_path)
+        max_seq_len = to_int("max_seq_len", max_seq_len, 1)
+        max_batch_size = to_int("max_batch_size", max_batch_size, 1)
+        if model_parallel_size is not None:
+            model_parallel_size = to_int("model_parallel_size", model_parallel_size, 1)
+        seed = to_int("seed", seed, -(2**63))
+        if seed >= 2**64:
+            raise InputError(f"seed must be below 2**64, got {seed}")
         start_time = time.time()
         run_device = distributed.resolve_device(device)
         run_dtype = distributed.resolve_dtype(dtype, run_device)
@@ -63,7 +73,7 @@ class Llama:
 
         error: Optional[BaseException] = None
         try:
-            model, tokenizer = _load(Path(ckpt_dir), Path(tokenizer_path), max_seq_len, max_batch_size, n_ranks, run_device, run_dtype)
+            model, tokenizer = _load(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, n_ranks, run_device, run_dtype)
         except Exception as e:  # every rank must learn of it, or the others wait for this one forever
             error = e
         distributed.raise_if_any_rank_failed(error, "loading the checkpoint", run_device)
@@ -80,8 +90,9 @@ class Llama:
         self.device = model.output.weight.device
         # A generator of our own: user code drawing random numbers cannot shift what is sampled.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # The KV caches and the generator are shared state: calls from several threads run one at a time.
+        self._lock = threading.RLock()
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt_tokens: List[List[int]],
@@ -95,37 +106,49 @@ class Llama:
 
         Returns the generated tokens (with the prompt if echo) and, if logprobs, each token's log-probability
         (0.0 for the first token of an echoed prompt, which nothing predicts). More prompts than max_batch_size
-        run in consecutive batches.
+        run in consecutive batches. Calls from several threads run one at a time.
         """
-        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        batch = batch_of_token_lists("prompt_tokens", prompt_tokens)
+        prompts = [to_token_ids(f"prompt_tokens[{i}]", p, self.model.vocab_size) for i, p in enumerate(batch)]
+        return self._generate(prompts, max_gen_len, temperature, top_p, logprobs, echo, lambda i: f"prompt_tokens[{i}]")
+
+    @torch.inference_mode()
+    def _generate(
+        self,
+        prompts: List[List[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+        echo: bool,
+        name: Callable[[int], str],
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """``generate`` on checked token lists; ``name(i)`` says where prompt i came from, for errors."""
+        max_gen_len = to_int("max_gen_len", max_gen_len, 0)
+        temperature = to_float("temperature", temperature, 0.0, hint=" (0 is greedy)")
+        top_p = to_float("top_p", top_p, 0.0, 1.0, above_minimum=True)
+        logprobs, echo = to_bool("logprobs", logprobs), to_bool("echo", echo)
+        self._check_prompt_lengths(prompts, name)
         batch = self.model.params.max_batch_size
         out_tokens: List[List[int]] = []
         out_logprobs: List[List[float]] = []
-        for first in range(0, len(prompt_tokens), batch):
-            tokens, scores = self._generate_batch(prompt_tokens[first : first + batch], max_gen_len, temperature, top_p, logprobs, echo)
-            out_tokens += tokens
-            out_logprobs += scores
+        with self._lock:
+            for first in range(0, len(prompts), batch):
+                tokens, scores = self._generate_batch(prompts[first : first + batch], max_gen_len, temperature, top_p, logprobs, echo)
+                out_tokens += tokens
+                out_logprobs += scores
         return out_tokens, (out_logprobs if logprobs else None)
 
-    def _check_generate_args(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float, top_p: float) -> None:
+    def _check_prompt_lengths(self, prompts: Sequence[Sequence[int]], name: Callable[[int], str]) -> None:
         max_seq_len = self.model.params.max_seq_len
-        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
-            raise InputError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise InputError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
-        for i, prompt in enumerate(prompt_tokens):
+        for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
-                raise InputError(f"prompt_tokens[{i}] is empty: each prompt needs at least one token (BOS)")
+                raise InputError(f"{name(i)} is empty: each prompt needs at least one token (BOS)")
             if len(prompt) > max_seq_len:
                 raise InputError(
-                    f"prompt_tokens[{i}] has {len(prompt)} tokens, which exceeds max_seq_len={max_seq_len}; "
+                    f"{name(i)} has {len(prompt)} tokens, which exceeds max_seq_len={max_seq_len}; "
                     "pass a larger max_seq_len to Llama.build or shorten the prompt"
                 )
-            bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < self.model.vocab_size), None)
-            if bad is not None:
-                raise InputError(f"prompt_tokens[{i}] holds {bad!r}, which is not a token id in [0, {self.model.vocab_size})")
 
     def _generate_batch(
         self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool, echo: bool
@@ -190,15 +213,16 @@ class Llama:
         echo: bool = False,
     ) -> List[CompletionPrediction]:
         """Complete each prompt; max_gen_len defaults to max_seq_len - 1."""
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, got a single str; wrap it in a list")
+        prompts = to_list("prompts", prompts)  # an iterator is read once, here
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}: {prompt!r:.80}")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        generation_tokens, generation_logprobs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        prompt_tokens = [self._encode(f"prompts[{i}]", x) for i, x in enumerate(prompts)]
+        generation_tokens, generation_logprobs = self._generate(
+            prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, lambda i: f"prompts[{i}] (once encoded)"
+        )
         if logprobs:
             assert generation_logprobs is not None
             return [
@@ -220,13 +244,19 @@ class Llama:
         A dialog that contains the format's own tags ([INST], <<SYS>>, ...) is not run and gets the reference's
         refusal text.
         """
+        dialogs = to_list("dialogs", dialogs)
+        if dialogs and all(isinstance(m, dict) for m in dialogs):
+            raise TypeError("dialogs must be a list of dialogs, got a single dialog (a list of messages); wrap it in a list")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         for i, dialog in enumerate(dialogs):
             check_dialog(dialog, i)
         unsafe = [has_special_tags(dialog) for dialog in dialogs]
-        safe_prompts = [encode_dialog(d, self.tokenizer.encode) for d, bad in zip(dialogs, unsafe) if not bad]
-        generation_tokens, generation_logprobs = self.generate(safe_prompts, max_gen_len, temperature, top_p, logprobs)
+        safe = [i for i, bad in enumerate(unsafe) if not bad]
+        safe_prompts = [encode_dialog(dialogs[i], functools.partial(self._encode, f"dialogs[{i}]")) for i in safe]
+        generation_tokens, generation_logprobs = self._generate(
+            safe_prompts, max_gen_len, temperature, top_p, logprobs, False, lambda k: f"dialogs[{safe[k]}] (once encoded)"
+        )
         answers = iter(zip(generation_tokens, generation_logprobs or [[]] * len(generation_tokens)))
         predictions: List[ChatPrediction] = []
         for bad in unsafe:
@@ -239,6 +269,18 @@ class Llama:
             predictions.append(prediction)
         return predictions
 
+    def _encode(self, name: str, text: str, bos: bool = True, eos: bool = False) -> List[int]:
+        try:
+            return self.tokenizer.encode(text, bos=bos, eos=eos)
+        except InputError as e:
+            raise InputError(f"{name}: {e}") from None
+
+
+def _path(name: str, value: PathLike) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or pathlib.Path), got {type(value).__name__} {value!r:.80}")
+    return Path(value)
+
 
 def _load(
     ckpt_dir: Path, tokenizer_path: Path, max_seq_len: int, max_batch_size: int, n_ranks: int, device: torch.device, dtype: torch.dtype
@@ -248,14 +290,22 @@ def _load(
     params_path = ckpt_dir / "params.json"
     params = load_params(params_path)
     args = ModelArgs.from_params(params, source=str(params_path), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    if args.vocab_size == -1:
+    if args.vocab_size == -1:  # Meta's Llama 2 params.json: the vocabulary is the tokenizer's
+        rows = infer_vocab_size(ckpt_dir)
+        if rows != tokenizer.n_words:
+            raise CheckpointError(
+                f"the tokenizer {tokenizer_path} has {tokenizer.n_words} words but the checkpoint {ckpt_dir} was trained with "
+                f"{rows} (rows of tok_embeddings.weight): the tokenizer does not belong to this checkpoint; "
+                "pass the tokenizer.model that came with it"
+            )
         args.vocab_size = tokenizer.n_words
     elif args.vocab_size != tokenizer.n_words:
         raise CheckpointError(
-            f"{params_path} has vocab_size={args.vocab_size} but the tokenizer {tokenizer_path} has {tokenizer.n_words} words; "
-            "the tokenizer must be the one the checkpoint was trained with"
+            f"{params_path} has vocab_size={args.vocab_size} but the tokenizer {tokenizer_path} has {tokenizer.n_words} words: "
+            "the tokenizer does not belong to this checkpoint; pass the tokenizer.model that came with it"
         )
     check_model_parallel_size(args, n_ranks)
+    check_fits(args, n_ranks, dtype, device, source=str(params_path))
     state_dict = load_checkpoint(ckpt_dir, args, n_ranks, distributed.model_parallel_rank(), device, dtype)
     with torch.device("meta"):
         model = Transformer(args)

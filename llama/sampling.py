@@ -25,7 +25,10 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(bsz, vocab_size) logits -> (bsz,) token ids: argmax at temperature 0, else top-p sampling."""
     if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
+        # Shifted so the largest logit is 0: a tiny temperature sends the others to -inf, never the top one to inf
+        # (inf - inf would be NaN). Below 1e-30 every float32 gap is already -inf, so the floor changes nothing.
+        scaled = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, 1e-30)
+        probs = torch.softmax(scaled, dim=-1)
         return sample_top_p(probs, top_p, generator).reshape(-1)
     return torch.argmax(logits, dim=-1)
 

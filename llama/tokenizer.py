@@ -8,6 +8,8 @@ from typing import List, Union
 
 from sentencepiece import SentencePieceProcessor
 
+from llama.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,6 +37,13 @@ class Tokenizer:
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         if not isinstance(s, str):
             raise TypeError(f"Tokenizer.encode takes a str, got {type(s).__name__}: {s!r:.80}")
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(
+                f"text holds {s[e.start:e.end]!r} at index {e.start}, which is not valid Unicode (a lone surrogate); "
+                "decode bytes with errors='replace' or 'surrogatepass' first"
+            ) from None
         t = self.sp_model.encode(s)
         if bos:
             t = [self.bos_id] + t

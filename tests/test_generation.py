@@ -162,10 +162,10 @@ def test_generation_stops_at_max_seq_len(generator: Llama, monkeypatch: pytest.M
         (dict(prompt_tokens=[[1] * 65]), ValueError, r"prompt_tokens\[0\] has 65 tokens, which exceeds max_seq_len=64"),
         (dict(prompt_tokens=[[1, 5], []]), ValueError, r"prompt_tokens\[1\] is empty"),
         (dict(prompt_tokens=[[1, 99999]]), ValueError, r"prompt_tokens\[0\] holds 99999, which is not a token id in \[0, 512\)"),
-        (dict(temperature=-0.1), ValueError, r"temperature must be >= 0 .* got -0.1"),
-        (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\], got 0.0"),
-        (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\], got 1.5"),
-        (dict(max_gen_len=-1), ValueError, r"max_gen_len must be a non-negative integer, got -1"),
+        (dict(temperature=-0.1), ValueError, r"temperature must be >= 0 \(0 is greedy\), got -0.1"),
+        (dict(top_p=0.0), ValueError, r"top_p must be > 0 and <= 1, got 0.0"),
+        (dict(top_p=1.5), ValueError, r"top_p must be > 0 and <= 1, got 1.5"),
+        (dict(max_gen_len=-1), ValueError, r"max_gen_len must be an integer >= 0, got -1"),
     ],
 )
 def test_generate_rejects_bad_input(generator: Llama, kwargs: dict, error: type, message: str) -> None:

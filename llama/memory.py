@@ -1,0 +1,101 @@
+"""How much memory a model will take on one rank, and how much a device has: checked before anything large is allocated."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llama.args import ModelArgs, local_head_counts
+from llama.errors import CheckpointError, InputError
+
+logger = logging.getLogger(__name__)
+
+GB = 1e9
+
+
+def weight_bytes(args: ModelArgs, n_ranks: int, dtype: torch.dtype) -> int:
+    """Bytes of one rank's share of the weights (norms are replicated; everything else is split)."""
+    assert args.n_kv_heads is not None
+    dim, hidden, vocab = args.dim, args.hidden_dim, max(args.vocab_size, 0)
+    kv = args.n_kv_heads * args.head_dim
+    per_layer = 2 * dim * dim + 2 * kv * dim + 3 * hidden * dim
+    split = args.n_layers * per_layer + 2 * vocab * dim
+    replicated = (2 * args.n_layers + 1) * dim
+    return (split // n_ranks + replicated) * dtype.itemsize
+
+
+def kv_cache_bytes(args: ModelArgs, n_ranks: int, dtype: torch.dtype) -> int:
+    """Bytes of one rank's KV caches for ``max_batch_size`` rows of ``max_seq_len`` positions, plus the rotary tables."""
+    _, n_local_kv_heads = local_head_counts(args, n_ranks)
+    cache = 2 * args.n_layers * args.max_batch_size * n_local_kv_heads * args.max_seq_len * args.head_dim * dtype.itemsize
+    rope = 2 * (2 * args.max_seq_len) * (args.head_dim // 2) * 4  # cos and sin, float32, twice max_seq_len
+    return cache + rope
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory this process can still allocate on device, or None when it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "mps":
+        recommended = getattr(torch.mps, "recommended_max_memory", None)
+        return int(recommended() - torch.mps.driver_allocated_memory()) if recommended else None
+    candidates = [_meminfo_available(), _cgroup_available()]
+    known = [c for c in candidates if c is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> Optional[int]:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_available() -> Optional[int]:
+    """The container's memory limit less its usage (cgroup v2, then v1), or None without a limit."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
+            return None
+        return max(0, int(limit) - usage)
+    return None
+
+
+def check_fits(args: ModelArgs, n_ranks: int, dtype: torch.dtype, device: torch.device, source: str = "params.json") -> None:
+    """Raise before loading when this rank's weights and KV caches cannot fit in the device's free memory.
+
+    On a CPU every model-parallel process of this host loads at once, so the host needs all their shares.
+    """
+    available = available_bytes(device)
+    if available is None:
+        return
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if device.type == "cpu" else 1
+    weights = weight_bytes(args, n_ranks, dtype) * ranks_here
+    cache = kv_cache_bytes(args, n_ranks, dtype) * ranks_here
+    where = f"{device} has {available / GB:.1f} GB free" + (f" for {ranks_here} processes" if ranks_here > 1 else "")
+    if weights > available:
+        raise CheckpointError(
+            f"{source} describes a model (dim={args.dim}, n_layers={args.n_layers}, vocab_size={args.vocab_size}) whose "
+            f"weights take {weights / GB:.1f} GB in {str(dtype).removeprefix('torch.')} on this rank, but {where}"
+        )
+    if weights + cache > available:
+        raise InputError(
+            f"max_seq_len={args.max_seq_len} and max_batch_size={args.max_batch_size} need {cache / GB:.1f} GB of KV cache "
+            f"on top of {weights / GB:.1f} GB of weights, but {where}; pass a smaller max_seq_len or max_batch_size to Llama.build"
+        )
+    logger.debug("memory: %.2f GB of weights and %.2f GB of KV cache; %s", weights / GB, cache / GB, where)
