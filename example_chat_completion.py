@@ -3,12 +3,11 @@
 Runs under plain `python` too, and loads a checkpoint of any shard count on any number of processes.
 """
 
+import dataclasses
 import logging
 from typing import List, Optional
 
-import fire
-
-from llama import Dialog, Llama
+from llama import Dialog, Llama, cli
 
 
 def main(
@@ -70,4 +69,5 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    parser = cli.build_parser("Answer a few dialogs with a Llama chat checkpoint.", max_seq_len=512, max_batch_size=8, max_gen_len=None)
+    main(**dataclasses.asdict(cli.parse_args(parser)))

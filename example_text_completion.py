@@ -3,12 +3,11 @@
 Runs under plain `python` too, and loads a checkpoint of any shard count on any number of processes.
 """
 
+import dataclasses
 import logging
 from typing import List, Optional
 
-import fire
-
-from llama import Llama
+from llama import Llama, cli
 
 
 def main(
@@ -56,4 +55,5 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    parser = cli.build_parser("Complete a few prompts with a Llama checkpoint.", max_seq_len=128, max_batch_size=4, max_gen_len=64)
+    main(**dataclasses.asdict(cli.parse_args(parser)))
