@@ -1,22 +1,42 @@
 """Meta-format checkpoints: finding shards, loading them safely, and cutting any shard layout into any other.
 
 One table (``SPLIT_DIM``) says how each Llama 2 tensor is split across model-parallel ranks; every
-shard's expected shape, and every rank's slice of the full tensor, follows from it.
+shard's expected shape, and every rank's slice of the full tensor, follows from it. Loaded weights are
+copies, never views of the memory-mapped files, and files are written under a temporary name and renamed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import logging
+import mmap
+import os
 import pickle
 import re
+import secrets
+import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from llama.args import ModelArgs, check_model_parallel_size, local_head_counts
 from llama.errors import CheckpointError
+from llama.validation import to_int
+
+logger = logging.getLogger(__name__)
 
 StateDict = Dict[str, torch.Tensor]
+
+
+class MappedShard(Dict[str, torch.Tensor]):
+    """A shard's tensors as ``load_shard`` returns them: views of the memory-mapped file.
+
+    Their pages are file-backed, so ``release_pages`` may drop them once copied: a later read maps them in again.
+    """
+
 
 # Dimension each tensor is split on across ranks (None: replicated), as fairscale's layers split them:
 # ColumnParallelLinear on dim 0, RowParallelLinear on dim 1, ParallelEmbedding on the embedding dim (1).
@@ -120,8 +140,12 @@ def find_shards(ckpt_dir: Path) -> List[Path]:
     return paths
 
 
-def load_shard(path: Path) -> StateDict:
-    """Memory-map one shard; only tensors and plain containers are unpickled, never code."""
+def load_shard(path: Path) -> MappedShard:
+    """Memory-map one shard; only tensors and plain containers are unpickled, never code.
+
+    The tensors are views of the file: a file truncated while they live makes reading them a bus error,
+    so keep them only while copying out of them (``state_dict_for_rank``).
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
@@ -132,7 +156,7 @@ def load_shard(path: Path) -> StateDict:
         raise CheckpointError(f"{path} could not be read as a torch checkpoint (truncated, or not saved by torch.save?): {e}") from e
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path} must hold a state dict mapping tensor names to tensors")
-    return {k: v for k, v in state.items() if k not in IGNORED_KEYS}
+    return MappedShard((k, v) for k, v in state.items() if k not in IGNORED_KEYS)
 
 
 def check_shards(shards: Sequence[StateDict], paths: Sequence[Path], args: ModelArgs) -> None:
@@ -192,11 +216,11 @@ def _some(keys: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def slice_for_rank(key: str, shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s slice of tensor ``key`` on ``n_ranks`` ranks, read from shards of any count (views where possible)."""
+def source_pieces(key: str, shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int) -> List[Tuple[int, torch.Tensor]]:
+    """(shard index, view) of each piece of rank ``rank``'s slice of ``key`` on ``n_ranks`` ranks, in order along the split dim."""
     dim = SPLIT_DIM[_kind(key)]
     if dim is None:
-        return shards[0][key]
+        return [(0, shards[0][key])]
     start, stop = shard_range(key, args, n_ranks, rank)
     pieces, seen = [], set()
     for i, shard in enumerate(shards):
@@ -206,20 +230,73 @@ def slice_for_rank(key: str, shards: Sequence[StateDict], args: ModelArgs, n_ran
         seen.add((src_start, src_stop))
         lo, hi = max(start, src_start), min(stop, src_stop)
         if lo < hi:
-            pieces.append(shard[key].narrow(dim, lo - src_start, hi - lo))
-    assert sum(p.shape[dim] for p in pieces) == stop - start, f"{key}: shards do not cover [{start}, {stop})"
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+            pieces.append((i, shard[key].narrow(dim, lo - src_start, hi - lo)))
+    assert sum(p.shape[dim] for _, p in pieces) == stop - start, f"{key}: shards do not cover [{start}, {stop})"
+    return pieces
 
 
 def state_dict_for_rank(
     shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int,
     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
 ) -> StateDict:
-    """The state dict of one rank out of n_ranks, converted tensor by tensor so peak memory stays near one rank's share."""
-    return {
-        key: slice_for_rank(key, shards, args, n_ranks, rank).to(device=device, dtype=dtype).contiguous()
-        for key in full_shapes(args)
-    }
+    """The state dict of one rank out of n_ranks, in memory of its own: no tensor is a view of ``shards``.
+
+    Each tensor is copied (and converted) straight into its final buffer. The pages of a ``MappedShard``
+    are dropped from this process as soon as they are copied, so peak memory stays near one copy of the
+    rank's weights rather than the copy plus the file's mapped pages.
+    """
+    state = {}
+    for key, full in full_shapes(args).items():
+        pieces = source_pieces(key, shards, args, n_ranks, rank)
+        first = pieces[0][1]
+        shape = shard_shape(key, args, n_ranks, rank, full)
+        out = torch.empty(shape, dtype=dtype or first.dtype, device=device or first.device)
+        dim, offset = SPLIT_DIM[_kind(key)], 0
+        for i, piece in pieces:
+            if dim is None:
+                out.copy_(piece)
+            else:
+                out.narrow(dim, offset, piece.shape[dim]).copy_(piece)
+                offset += piece.shape[dim]
+            if isinstance(shards[i], MappedShard):
+                release_pages(piece)
+        state[key] = out
+    return state
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the whole pages under a memory-mapped tensor from this process (Linux; elsewhere a no-op).
+
+    The file is not touched and its pages stay in the page cache; they stop counting in this process's
+    resident memory, and a later read maps them in again. Only pages that lie wholly inside the tensor's
+    span are dropped, never one shared with a neighbouring tensor.
+    """
+    madvise = _madvise()
+    if madvise is None or tensor.numel() == 0:
+        return
+    span = (1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))) * tensor.element_size()
+    start = tensor.data_ptr()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # round in: up at the start, down at the end
+    last = (start + span) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first and madvise(first, last - first, _MADV_DONTNEED) != 0:
+        logger.debug("madvise(MADV_DONTNEED) failed with errno %d; the mapped pages stay resident", ctypes.get_errno())
+
+
+_MADV_DONTNEED = 4  # Linux's value; on other systems MADV_DONTNEED does not drop pages, so it is not used
+
+
+@functools.lru_cache(maxsize=None)
+def _madvise() -> Optional[Callable[[int, int, int], int]]:
+    """libc's madvise on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
 
 
 def load_checkpoint(
@@ -244,14 +321,42 @@ def infer_vocab_size(ckpt_dir: Path) -> int:
 
 
 def write_shards(out_dir: Path, shards: Sequence[StateDict], args: ModelArgs, n_shards: int) -> List[Path]:
-    """Write ``consolidated.NN.pth`` for n_shards ranks, cut from ``shards`` (any count), one file at a time."""
+    """Write ``consolidated.NN.pth`` for n_shards ranks, cut from ``shards`` (any count), one file at a time.
+
+    Each file is written under a temporary name and renamed over the old one, so a process reading or
+    running from the old file keeps it whole. Then every other ``*.pth`` in out_dir is removed (with a
+    warning), since loading reads every ``*.pth`` of a folder as a shard.
+    """
+    n_shards = to_int("n_shards", n_shards, 1)
     check_model_parallel_size(args, n_shards)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for rank in range(n_shards):
-        state = {key: slice_for_rank(key, shards, args, n_shards, rank).clone() for key in full_shapes(args)}
+        state = state_dict_for_rank(shards, args, n_shards, rank)
         path = out_dir / f"consolidated.{rank:02d}.pth"
-        torch.save(state, path)
+        with atomic_write(path) as tmp:
+            torch.save(state, tmp)
         paths.append(path)
         del state
+    for stale in sorted(set(out_dir.glob("*.pth")) - set(paths)):
+        logger.warning("removing %s: not one of the %d shard(s) just written into %s, and would be loaded as one", stale, n_shards, out_dir)
+        stale.unlink()
     return paths
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it is renamed over ``path``, on failure removed.
+
+    A reader sees the old file or the new one, never half of one; a process that has the old file open or
+    mapped keeps it whole (the rename gives ``path`` a new inode rather than rewriting the old one).
+    """
+    # Hidden, and not *.pth, so a folder being written never lists the temporary file as a shard.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise

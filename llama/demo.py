@@ -18,7 +18,9 @@ from typing import Optional
 import torch
 
 from llama.args import ModelArgs
-from llama.checkpoint import StateDict, full_shapes, write_shards
+from llama.checkpoint import StateDict, atomic_write, full_shapes, write_shards
+from llama.cli import positive_int
+from llama.validation import to_int
 
 DEMO_PARAMS = {
     "dim": 64,
@@ -57,7 +59,8 @@ def train_tokenizer(model_path: Path, vocab_size: int = 512, text: Optional[str]
         minloglevel=2,
     )
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    model_path.write_bytes(model.getvalue())
+    with atomic_write(model_path) as tmp:
+        tmp.write_bytes(model.getvalue())
     return model_path
 
 
@@ -84,14 +87,17 @@ def make_demo_checkpoint(
     """
     from llama.tokenizer import Tokenizer
 
+    n_shards = to_int("n_shards", n_shards, 1)
     params = dict(DEMO_PARAMS if params is None else params)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_path is None:
         train_tokenizer(out_dir / "tokenizer.model")
     else:
-        shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
+        with atomic_write(out_dir / "tokenizer.model") as tmp:
+            shutil.copyfile(tokenizer_path, tmp)
     args = ModelArgs.from_params(params, vocab_size=Tokenizer(out_dir / "tokenizer.model").n_words)
-    (out_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    with atomic_write(out_dir / "params.json") as tmp:
+        tmp.write_text(json.dumps(params, indent=2) + "\n")
     write_shards(out_dir, [random_state_dict(args, seed)], args, n_shards)
     return out_dir
 
@@ -99,7 +105,7 @@ def make_demo_checkpoint(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--n_shards", type=int, default=1)
+    parser.add_argument("--n_shards", type=positive_int, default=1, help="number of shards to write (the model-parallel size)")
     parser.add_argument("--seed", type=int, default=0)
     cli = parser.parse_args()
     make_demo_checkpoint(cli.out_dir, cli.n_shards, cli.seed)

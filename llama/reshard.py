@@ -1,7 +1,8 @@
 """``python -m llama.reshard SRC_DIR DST_DIR --mp N``: rewrite a checkpoint as N shards, in Meta's format.
 
 Reads the source shards memory-mapped and writes one target shard at a time; ``params.json`` (and
-``tokenizer.model``, if there) are copied.
+``tokenizer.model``, if there) are copied. Every file is written under a temporary name and renamed, and
+shards of an older checkpoint left in DST_DIR are removed, so the folder loads as the new checkpoint.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import shutil
 from pathlib import Path
 
 from llama.args import ModelArgs, load_params
-from llama.checkpoint import check_shards, find_shards, infer_vocab_size, load_shard, write_shards
+from llama.checkpoint import atomic_write, check_shards, find_shards, infer_vocab_size, load_shard, write_shards
+from llama.cli import positive_int
+from llama.validation import to_int
 
 logger = logging.getLogger(__name__)
 
 
 def reshard(src_dir: Path, dst_dir: Path, model_parallel_size: int) -> list[Path]:
     """Write src_dir's checkpoint into dst_dir as model_parallel_size shards; return the shard paths."""
+    model_parallel_size = to_int("model_parallel_size", model_parallel_size, 1)
     if src_dir.resolve() == dst_dir.resolve():
         raise ValueError(f"the destination {dst_dir} is the source folder; pick another one")
     params_path = src_dir / "params.json"
@@ -32,7 +36,8 @@ def reshard(src_dir: Path, dst_dir: Path, model_parallel_size: int) -> list[Path
     written = write_shards(dst_dir, shards, args, model_parallel_size)
     for name in ("params.json", "tokenizer.model"):
         if (src_dir / name).is_file():
-            shutil.copyfile(src_dir / name, dst_dir / name)
+            with atomic_write(dst_dir / name) as tmp:
+                shutil.copyfile(src_dir / name, tmp)
     logger.info("wrote %d shard(s) of %s into %s", len(written), src_dir, dst_dir)
     return written
 
@@ -41,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src_dir", type=Path)
     parser.add_argument("dst_dir", type=Path)
-    parser.add_argument("--mp", type=int, required=True, help="number of shards to write (the model-parallel size)")
+    parser.add_argument("--mp", type=positive_int, required=True, help="number of shards to write (the model-parallel size)")
     cli = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -1,10 +1,13 @@
-"""llama.checkpoint's shard layout, in one process: split/merge round trips, KV-head replication, and size errors."""
+"""llama.checkpoint's shard layout: split/merge round trips, KV-head replication, size errors, and the reshard command."""
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, List
 
@@ -15,7 +18,8 @@ from llama import CheckpointError
 from llama.args import ModelArgs, check_model_parallel_size, model_parallel_sizes
 from llama.checkpoint import StateDict, load_checkpoint, state_dict_for_rank, write_shards
 from llama.demo import random_state_dict
-from tests.conftest import TINY_PARAMS
+from llama.reshard import reshard
+from tests.conftest import ROOT, TINY_PARAMS, build
 
 VOCAB_SIZE = 512
 COUNTS = (1, 2, 4)
@@ -117,3 +121,41 @@ def test_missing_last_shards_are_named(removed: List[str], make_checkpoint: Call
         (ckpt / name).unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(f"is one of 4 shards") + r".*missing " + re.escape(", ".join(removed))):
         load_checkpoint(ckpt, tiny_args(), 2, 0)
+
+
+def run_module(module: str, *args: object) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+@pytest.mark.parametrize("module, flag", [("llama.reshard", "--mp"), ("llama.demo", "--n_shards")])
+def test_commands_refuse_a_shard_count_below_one(module: str, flag: str, value: str, ckpt_dir: Path, tmp_path: Path) -> None:
+    """--mp 0 was a traceback and --mp -1 wrote 0 shards and exited 0."""
+    out = tmp_path / "out"
+    positional = [ckpt_dir, out] if module == "llama.reshard" else [out]
+    done = run_module(module, *positional, flag, value)
+    assert done.returncode == 2, done.stderr
+    assert f"argument {flag}: invalid value '{value}': expected a positive integer" in done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_reshard_refuses_a_bad_model_parallel_size_before_touching_files(size: int, ckpt_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=rf"model_parallel_size must be an integer >= 1, got {size}"):
+        reshard(ckpt_dir, tmp_path / "out", size)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reshard_into_the_folder_of_an_older_checkpoint_removes_its_extra_shards(make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    """Shards 02 and 03 of the older 4-shard checkpoint were left behind, and the folder then failed to load."""
+    src = make_checkpoint(seed=1)
+    dst = Path(shutil.copytree(make_checkpoint(n_shards=4), tmp_path / "dst"))
+    done = run_module("llama.reshard", src, dst, "--mp", 2)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in dst.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
+    for name in ("consolidated.02.pth", "consolidated.03.pth"):
+        assert f"removing {dst / name}: not one of the 2 shard(s) just written" in done.stderr
+    prompt = [[1, 20, 30, 40]]
+    assert build(dst).generate(prompt, 8, temperature=0) == build(src).generate(prompt, 8, temperature=0)

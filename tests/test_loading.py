@@ -61,7 +61,7 @@ def test_missing_params_json(ckpt_copy: Path) -> None:
 
 def test_params_json_with_bad_value(ckpt_copy: Path) -> None:
     edit_params(ckpt_copy, n_heads=0)
-    with pytest.raises(CheckpointError, match=r"ModelArgs.n_heads must be a positive integer, got 0"):
+    with pytest.raises(CheckpointError, match=r"params.json: n_heads must be an integer >= 1, got 0"):
         build(ckpt_copy)
 
 
@@ -130,26 +130,30 @@ def test_missing_tokenizer(ckpt_copy: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_float32_weights_are_mapped_from_the_file_not_copied(ckpt_dir: Path) -> None:
-    """Same dtype on the CPU: every weight is a view of the memory-mapped shard, so loading costs no copy."""
-    model = build(ckpt_dir).model
-    shard = str(ckpt_dir / "consolidated.00.pth")
-    ranges = []
+def test_weights_are_private_memory_not_views_of_the_file(ckpt_copy: Path) -> None:
+    """Same dtype on the CPU, where views were possible: every weight lies in anonymous memory, and the shard is unmapped.
+
+    Guards the bus error (and silently swapped weights) of a model whose shard file is truncated or overwritten.
+    """
+    model = build(ckpt_copy).model
+    mappings = []  # (start, end, pathname or "")
     for line in Path("/proc/self/maps").read_text().splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == shard:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((start, end))
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        mappings.append((start, end, fields[5] if len(fields) == 6 else ""))
+    shard = str(ckpt_copy / "consolidated.00.pth")
+    assert not [m for m in mappings if m[2] == shard], f"{shard} is still mapped after Llama.build"
     params = dict(model.named_parameters())
-    assert ranges and len(params) == 3 + 9 * model.n_layers
+    assert len(params) == 3 + 9 * model.n_layers and all(p.dtype == torch.float32 for p in params.values())
     for name, param in params.items():
-        assert any(start <= param.data_ptr() < end for start, end in ranges), f"{name} was copied"
+        [(_, _, where)] = [m for m in mappings if m[0] <= param.data_ptr() < m[1]]
+        assert not where.startswith("/"), f"{name} lies in a mapping of the file {where}"
 
 
 def test_build_rejects_bad_sizes(ckpt_dir: Path) -> None:
-    with pytest.raises(InputError, match=r"max_seq_len must be a positive integer, got 0"):
+    with pytest.raises(InputError, match=r"max_seq_len must be an integer >= 1, got 0"):
         build(ckpt_dir, max_seq_len=0)
-    with pytest.raises(InputError, match=r"max_batch_size must be a positive integer, got -2"):
+    with pytest.raises(InputError, match=r"max_batch_size must be an integer >= 1, got -2"):
         build(ckpt_dir, max_batch_size=-2)
     with pytest.raises(InputError, match=r"model_parallel_size=2 must be a positive divisor of the world size 1"):
         build(ckpt_dir, model_parallel_size=2)
