@@ -1,17 +1,25 @@
-"""The one module that talks to torch.distributed and fairscale: backend, ranks, device and dtype choice, rank-0 output."""
+"""The one module that talks to torch.distributed and fairscale: backend, ranks, device and dtype choice, rank-0 output.
+
+Each ``Llama`` keeps its own ``ModelParallelGroup``; the collectives here (the model's layers call them) use the group
+``using`` made active for this thread, else the group of the latest build.
+"""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import logging
+import math
 import os
 import socket
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -22,10 +30,35 @@ from llama.errors import DistributedError, InputError
 
 logger = logging.getLogger(__name__)
 
-# Set by setup_collectives when every rank of this process's model-parallel group runs on this host's CPU.
-_shared_memory: Optional[shm_group.SharedMemoryGroup] = None
+
+@dataclasses.dataclass(frozen=True)
+class ModelParallelGroup:
+    """The ranks that together hold one model: their torch group, this rank's place, and shared memory when on one CPU."""
+
+    handle: Optional[dist.ProcessGroup]  # None for the group of one that needs no process group
+    ranks: Tuple[int, ...]  # global ranks, in group order; ranks[0] decides the sampled tokens
+    rank: int  # this process's index in ranks
+    size: int  # len(ranks), a field: the decode path reads it
+    shared_memory: Optional[shm_group.SharedMemoryGroup] = None
+
+
+_ALONE = ModelParallelGroup(None, (0,), 0, 1)
+
+
+class _Active(threading.local):
+    group: Optional[ModelParallelGroup] = None  # set by ``using``, per thread
+
+
+_active = _Active()
+_latest: ModelParallelGroup = _ALONE  # the group of the latest init_model_parallel / setup_collectives
+# fairscale keeps one set of groups in globals; a set per model-parallel size, kept here, lets a process build models of
+# several sizes without creating groups again (new_group is collective: every rank must create them in the same order).
+_FAIRSCALE_GLOBALS = ("_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "_PIPELINE_PARALLEL_GROUP", "_PIPELINE_PARALLEL_RANKS")
+_fairscale_groups: Dict[int, tuple] = {}
+_fairscale_world: Optional[dist.ProcessGroup] = None  # the process group those belong to
 
 DEFAULT_TIMEOUT_S = 600.0
+_MAX_TIMEOUT_S = 1e9  # about 31 years; far larger ones overflow timedelta
 _GLOO_PEER_ERRORS = ("gloo", "Connection closed by peer", "Connection reset by peer", "Timed out waiting")
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -92,11 +125,18 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
 
 def timeout() -> timedelta:
     """How long a collective waits for a peer before failing (``LLAMA_DIST_TIMEOUT`` seconds, default 600)."""
-    raw = os.environ.get("LLAMA_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    raw = os.environ.get("LLAMA_DIST_TIMEOUT")
+    if raw is None:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
     try:
         seconds = float(raw)
     except ValueError:
-        raise InputError(f"LLAMA_DIST_TIMEOUT={raw!r} must be a number of seconds") from None
+        seconds = math.nan
+    if not 0.001 <= seconds <= _MAX_TIMEOUT_S:  # also rejects nan; torch counts milliseconds, so less is 0
+        raise InputError(
+            f"LLAMA_DIST_TIMEOUT={raw!r} is not a usable timeout: expected a number of seconds from 0.001 to {_MAX_TIMEOUT_S:.0e}, "
+            f"such as the default {DEFAULT_TIMEOUT_S:.0f}"
+        )
     return timedelta(seconds=seconds)
 
 
@@ -137,32 +177,68 @@ def _destroy_process_group() -> None:
 
 
 def _forget_model_parallel() -> None:
-    """Drop fairscale's model-parallel groups and the shared memory that served them."""
-    global _shared_memory
-    _shared_memory = None
+    """Drop fairscale's model-parallel groups and those cached for other sizes (models built already keep theirs)."""
+    global _latest, _fairscale_world
+    _latest = _ALONE
+    _fairscale_groups.clear()
+    _fairscale_world = None
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
 
 
 def init_model_parallel(model_parallel_size: Optional[int]) -> int:
-    """Set up fairscale's model-parallel groups (all ranks by default) and return their size."""
+    """Point fairscale's model-parallel groups (all ranks by default) at groups of that size, made once per size; return it.
+
+    Collective: every rank of the process group calls it, in the same order of sizes.
+    """
+    global _latest, _fairscale_world
     world_size = dist.get_world_size()
     size = world_size if model_parallel_size is None else model_parallel_size
     if not isinstance(size, int) or size < 1 or world_size % size:
         raise InputError(f"model_parallel_size={model_parallel_size!r} must be a positive divisor of the world size {world_size}")
-    if fs_init.model_parallel_is_initialized():
-        if fs_init.get_model_parallel_world_size() == size:
-            return size
-    _forget_model_parallel()
-    # fairscale calls dist.new_group without a timeout, which gives its groups torch's default (30 minutes
-    # for gloo), not LLAMA_DIST_TIMEOUT: a hung rank would stall the others for that long.
-    new_group = dist.new_group
-    dist.new_group = functools.partial(new_group, timeout=timeout())
-    try:
-        fs_init.initialize_model_parallel(size)
-    finally:
-        dist.new_group = new_group
+    if _fairscale_world is not None and _fairscale_world is not dist.group.WORLD:  # cached for a process group destroyed since
+        _forget_model_parallel()
+    if fs_init.model_parallel_is_initialized() and fs_init.get_model_parallel_world_size() == size:
+        pass
+    elif size in _fairscale_groups:
+        for name, value in zip(_FAIRSCALE_GLOBALS, _fairscale_groups[size]):
+            setattr(fs_init, name, value)
+    else:
+        fs_init.destroy_model_parallel()
+        # fairscale calls dist.new_group without a timeout, which gives its groups torch's default (30 minutes
+        # for gloo), not LLAMA_DIST_TIMEOUT: a hung rank would stall the others for that long.
+        new_group = dist.new_group
+        dist.new_group = functools.partial(new_group, timeout=timeout())
+        try:
+            fs_init.initialize_model_parallel(size)
+        finally:
+            dist.new_group = new_group
+    _fairscale_groups[size] = tuple(getattr(fs_init, name) for name in _FAIRSCALE_GLOBALS)
+    _fairscale_world = dist.group.WORLD
+    _latest = _fairscale_group()
     return size
+
+
+def _fairscale_group() -> ModelParallelGroup:
+    """fairscale's current model-parallel group, as a ``ModelParallelGroup`` without shared memory."""
+    handle = fs_init.get_model_parallel_group()
+    ranks = tuple(dist.get_process_group_ranks(handle))
+    return ModelParallelGroup(handle, ranks, ranks.index(dist.get_rank()), len(ranks))
+
+
+def active_group() -> ModelParallelGroup:
+    """The group this thread's collectives use: the one ``using`` set, else the latest built."""
+    return _active.group or _latest
+
+
+@contextlib.contextmanager
+def using(group: ModelParallelGroup) -> Iterator[None]:
+    """Send this thread's collectives (those the model's layers make, too) through group until the block ends."""
+    previous, _active.group = _active.group, group
+    try:
+        yield
+    finally:
+        _active.group = previous
 
 
 def rank() -> int:
@@ -215,55 +291,89 @@ def raise_if_any_rank_failed(error: Optional[BaseException], what: str, device: 
         raise DistributedError(f"rank {rank()}: rank(s) {failed_ranks} failed while {what}; their own output names the cause")
 
 
-def setup_collectives(device: torch.device, slot_bytes: int) -> None:
-    """Collective: use shared memory for the model-parallel group's small collectives when all its ranks share this CPU.
+def setup_collectives(device: torch.device, slot_bytes: int) -> ModelParallelGroup:
+    """Collective: the current model-parallel group, with shared memory for its small collectives when all its ranks
+    share this CPU (``LLAMA_SHM_COLLECTIVES=0`` keeps torch.distributed for everything)."""
+    global _latest
+    group = _fairscale_group()
+    shm_wanted = device.type == "cpu" and os.environ.get("LLAMA_SHM_COLLECTIVES", "1") != "0" and shm_group.supported()
+    if group.size > 1 and shm_wanted:
+        group = dataclasses.replace(group, shared_memory=_attach_shared_memory(group, slot_bytes))
+    _latest = group
+    return group
 
-    ``LLAMA_SHM_COLLECTIVES=0`` keeps torch.distributed for everything.
-    """
-    global _shared_memory
-    _shared_memory = None
-    size = model_parallel_size()
-    if size == 1 or device.type != "cpu" or os.environ.get("LLAMA_SHM_COLLECTIVES", "1") == "0" or not shm_group.supported():
-        return
-    group = fs_init.get_model_parallel_group()
-    peers: list = [None] * size
-    dist.all_gather_object(peers, (_host_id(), os.getpid()), group=group)
-    if len({host for host, _ in peers}) > 1:
-        return
+
+def _attach_shared_memory(group: ModelParallelGroup, slot_bytes: int) -> Optional[shm_group.SharedMemoryGroup]:
+    """Collective over group: a shared segment for it, or None (with a warning naming the failed rank and why)."""
+    hosts: List[Optional[str]] = [None] * group.size
+    dist.all_gather_object(hosts, _host_id(), group=group.handle)
+    if len(set(hosts)) > 1:
+        return None
     path = [shm_group.new_segment_path()]
-    dist.broadcast_object_list(path, src=fs_init.get_model_parallel_src_rank(), group=group)
-    pids = [pid for _, pid in peers]
-    group_rank = model_parallel_rank()
-    error: Optional[OSError] = None
-
-    def attach(create: bool) -> Optional[shm_group.SharedMemoryGroup]:
-        nonlocal error
-        try:
-            return shm_group.SharedMemoryGroup(path[0], group_rank, size, pids, slot_bytes, timeout().total_seconds(), create=create)
-        except OSError as e:
-            error = e
-            return None
-
-    created = attach(create=True) if group_rank == 0 else None
-    dist.barrier(group=group)  # every rank reaches it, so the file exists before the others open it
-    if group_rank != 0:
-        created = attach(create=False)
-    failed = torch.tensor([int(error is not None)])
-    dist.all_reduce(failed, group=group)  # also orders the unlink after every rank has opened the file
-    if group_rank == 0:
-        path[0].unlink(missing_ok=True)  # the mapping lives on; nothing is left behind if a rank dies
-    if failed.item():
-        logger.warning("shared-memory collectives unavailable (%s); using %s", error, dist.get_backend())
-        return
-    _shared_memory = created
-    logger.info("model-parallel collectives through shared memory (%d ranks on this host)", size)
+    dist.broadcast_object_list(path, src=group.ranks[0], group=group.handle)
+    segment: Optional[shm_group.SharedMemoryGroup] = None
+    error: Optional[str] = None
+    try:
+        if group.rank == 0:
+            segment, error = _open_segment(path[0], group, slot_bytes, create=True)
+        created = [error]
+        dist.broadcast_object_list(created, src=group.ranks[0], group=group.handle)  # the others open the file after this
+        if group.rank != 0 and created[0] is None:
+            segment, error = _open_segment(path[0], group, slot_bytes, create=False)
+        errors: List[Optional[str]] = [None] * group.size
+        dist.all_gather_object(errors, error, group=group.handle)  # every rank has opened the file (or failed) past here
+    finally:
+        path[0].unlink(missing_ok=True)  # the mappings live on; nothing is left behind, whichever rank fails or dies
+    failures = "; ".join(f"rank {r}: {e}" for r, e in zip(group.ranks, errors) if e is not None)
+    if failures:
+        logger.warning(
+            "shared-memory collectives unavailable (%s); the model-parallel collectives use %s instead. "
+            "Give /dev/shm more room (docker run --shm-size) for them, or set LLAMA_SHM_COLLECTIVES=0 to skip this attempt",
+            failures, dist.get_backend(group.handle),
+        )
+        return None
+    logger.info("model-parallel collectives through shared memory (%d ranks on this host)", group.size)
+    return segment
 
 
-def collectives_transport() -> str:
-    """How decode-step collectives travel: "shared memory", the process group's backend, or "none" for a group of one."""
-    if model_parallel_size() == 1:
+def _open_segment(
+    path: Path, group: ModelParallelGroup, slot_bytes: int, create: bool
+) -> Tuple[Optional[shm_group.SharedMemoryGroup], Optional[str]]:
+    try:
+        return shm_group.SharedMemoryGroup(path, group.rank, group.size, slot_bytes, timeout().total_seconds(), create=create), None
+    except OSError as e:
+        return None, str(e)
+
+
+def collectives_transport(group: Optional[ModelParallelGroup] = None) -> str:
+    """How group's decode-step collectives travel (default: the active group's): "shared memory", the process group's
+    backend, or "none" for a group of one."""
+    if group is None:
+        group = active_group()
+    if group.size == 1:
         return "none"
-    return "shared memory" if _shared_memory is not None else str(dist.get_backend())
+    return "shared memory" if group.shared_memory is not None else str(dist.get_backend(group.handle))
+
+
+def check_same_inputs(what: str, payload: bytes) -> None:
+    """Collective over the active model-parallel group: raise ``InputError`` on every rank unless all passed the same payload.
+
+    Ranks given different prompts would otherwise run different collectives and hang or abort.
+    """
+    group = active_group()
+    if group.size == 1:
+        return
+    digest = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little", signed=True)
+    nccl = dist.get_backend(group.handle) == "nccl"
+    mine = torch.tensor([digest], dtype=torch.int64, device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    with peer_failures(f"comparing {what} across ranks"):
+        digests = all_gather(mine, dim=0).tolist()
+    differ = [r for r, d in zip(group.ranks, digests) if d != digests[0]]
+    if differ:
+        raise InputError(
+            f"rank {rank()}: rank(s) {differ} passed different {what} from rank {group.ranks[0]}; "
+            "every rank of a model-parallel group must pass the same prompts and sampling arguments"
+        )
 
 
 def _host_id() -> str:
@@ -272,35 +382,40 @@ def _host_id() -> str:
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over the model-parallel group."""
+    """Sum over the active model-parallel group."""
     # Shared memory first: set only for a group of several ranks, it is the decode path, where each check costs
-    # microseconds (caches are cold after a layer's weights stream through them) and fairscale's size lookup is slow.
-    if _shared_memory is not None and _shared_memory.fits(tensor):
-        return _shared_memory.all_reduce(tensor)
-    if model_parallel_size() == 1:
+    # microseconds (caches are cold after a layer's weights stream through them); hence fields, not lookups.
+    group = _active.group or _latest
+    shared_memory = group.shared_memory
+    if shared_memory is not None and shared_memory.fits(tensor):
+        return shared_memory.all_reduce(tensor)
+    if group.size == 1:
         return tensor
-    dist.all_reduce(tensor, group=fs_init.get_model_parallel_group())
+    dist.all_reduce(tensor, group=group.handle)
     return tensor
 
 
 def all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """The model-parallel group's tensors concatenated in rank order along dim."""
-    if _shared_memory is not None and _shared_memory.fits(tensor):  # first, as in all_reduce
-        return _shared_memory.all_gather(tensor, dim)
-    size = model_parallel_size()
-    if size == 1:
+    """The active model-parallel group's tensors concatenated in rank order along dim."""
+    group = _active.group or _latest
+    shared_memory = group.shared_memory
+    if shared_memory is not None and shared_memory.fits(tensor):  # first, as in all_reduce
+        return shared_memory.all_gather(tensor, dim)
+    if group.size == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(parts, tensor.contiguous(), group=fs_init.get_model_parallel_group())
+    parts = [torch.empty_like(tensor) for _ in range(group.size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group.handle)
     return torch.cat(parts, dim=dim)
 
 
 def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """Make every model-parallel rank use the tokens of the group's first rank, so ranks never drift apart."""
-    if _shared_memory is not None and _shared_memory.fits(tokens):  # first, as in all_reduce
-        return _shared_memory.broadcast(tokens, src=0)
-    if model_parallel_size() == 1:
+    """Make every rank of the active model-parallel group use the tokens of its first rank, so ranks never drift apart."""
+    group = _active.group or _latest
+    shared_memory = group.shared_memory
+    if shared_memory is not None and shared_memory.fits(tokens):  # first, as in all_reduce
+        return shared_memory.broadcast(tokens, src=0)
+    if group.size == 1:
         return tokens
     group_tokens = tokens.to(_collective_device(tokens.device))
-    dist.broadcast(group_tokens, src=fs_init.get_model_parallel_src_rank(), group=fs_init.get_model_parallel_group())
+    dist.broadcast(group_tokens, src=group.ranks[0], group=group.handle)
     return group_tokens.to(tokens.device)

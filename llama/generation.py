@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -80,12 +81,17 @@ class Llama:
         params = model.params
         # The largest decode-step tensor: a batch of float32 logits for this rank's share of the vocabulary.
         with distributed.peer_failures("setting up the model-parallel collectives"):
-            distributed.setup_collectives(run_device, 4 * params.max_batch_size * max(params.dim, params.vocab_size // n_ranks))
+            group = distributed.setup_collectives(run_device, 4 * params.max_batch_size * max(params.dim, params.vocab_size // n_ranks))
         logger.info("loaded in %.2f seconds", time.time() - start_time)
-        return Llama(model, tokenizer, seed=seed)
+        return Llama(model, tokenizer, seed=seed, group=group)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1) -> None:
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, group: Optional[distributed.ModelParallelGroup] = None
+    ) -> None:
+        """``group`` defaults to the model-parallel group set up last; ``build`` passes the one it set up for this model."""
         self.model = model
+        # Each Llama keeps its group, so building another of a different model-parallel size leaves this one working.
+        self.group = distributed.active_group() if group is None else group
         self.tokenizer = tokenizer
         self.device = model.output.weight.device
         # A generator of our own: user code drawing random numbers cannot shift what is sampled.
@@ -108,9 +114,11 @@ class Llama:
         (0.0 for the first token of an echoed prompt, which nothing predicts). More prompts than max_batch_size
         run in consecutive batches. Calls from several threads run one at a time.
         """
-        batch = batch_of_token_lists("prompt_tokens", prompt_tokens)
-        prompts = [to_token_ids(f"prompt_tokens[{i}]", p, self.model.vocab_size) for i, p in enumerate(batch)]
-        return self._generate(prompts, max_gen_len, temperature, top_p, logprobs, echo, lambda i: f"prompt_tokens[{i}]")
+        prompt_tokens = _read_once(prompt_tokens)
+        with self._call(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo):
+            batch = batch_of_token_lists("prompt_tokens", prompt_tokens)
+            prompts = [to_token_ids(f"prompt_tokens[{i}]", p, self.model.vocab_size) for i, p in enumerate(batch)]
+            return self._generate(prompts, max_gen_len, temperature, top_p, logprobs, echo, lambda i: f"prompt_tokens[{i}]")
 
     @torch.inference_mode()
     def _generate(
@@ -132,12 +140,21 @@ class Llama:
         batch = self.model.params.max_batch_size
         out_tokens: List[List[int]] = []
         out_logprobs: List[List[float]] = []
-        with self._lock:
-            for first in range(0, len(prompts), batch):
-                tokens, scores = self._generate_batch(prompts[first : first + batch], max_gen_len, temperature, top_p, logprobs, echo)
-                out_tokens += tokens
-                out_logprobs += scores
+        for first in range(0, len(prompts), batch):
+            tokens, scores = self._generate_batch(prompts[first : first + batch], max_gen_len, temperature, top_p, logprobs, echo)
+            out_tokens += tokens
+            out_logprobs += scores
         return out_tokens, (out_logprobs if logprobs else None)
+
+    @contextlib.contextmanager
+    def _call(self, *arguments: object) -> Iterator[None]:
+        """One call at a time on this object, on its model-parallel group, after every rank is seen to pass the same arguments.
+
+        Compared before any check, so that a value one rank alone refuses fails every rank at once, not only that one.
+        """
+        with self._lock, distributed.using(self.group):
+            distributed.check_same_inputs("prompts or sampling arguments", _fingerprint(arguments))
+            yield
 
     def _check_prompt_lengths(self, prompts: Sequence[Sequence[int]], name: Callable[[int], str]) -> None:
         max_seq_len = self.model.params.max_seq_len
@@ -213,23 +230,25 @@ class Llama:
         echo: bool = False,
     ) -> List[CompletionPrediction]:
         """Complete each prompt; max_gen_len defaults to max_seq_len - 1."""
-        prompts = to_list("prompts", prompts)  # an iterator is read once, here
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}: {prompt!r:.80}")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = [self._encode(f"prompts[{i}]", x) for i, x in enumerate(prompts)]
-        generation_tokens, generation_logprobs = self._generate(
-            prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, lambda i: f"prompts[{i}] (once encoded)"
-        )
-        if logprobs:
-            assert generation_logprobs is not None
-            return [
-                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
-                for t, lp in zip(generation_tokens, generation_logprobs)
-            ]
-        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+        prompts = _read_once(prompts)
+        with self._call(prompts, temperature, top_p, max_gen_len, logprobs, echo):
+            prompts = to_list("prompts", prompts)  # an iterator is read once, here
+            for i, prompt in enumerate(prompts):
+                if not isinstance(prompt, str):
+                    raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}: {prompt!r:.80}")
+            if max_gen_len is None:
+                max_gen_len = self.model.params.max_seq_len - 1
+            prompt_tokens = [self._encode(f"prompts[{i}]", x) for i, x in enumerate(prompts)]
+            generation_tokens, generation_logprobs = self._generate(
+                prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, lambda i: f"prompts[{i}] (once encoded)"
+            )
+            if logprobs:
+                assert generation_logprobs is not None
+                return [
+                    {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                    for t, lp in zip(generation_tokens, generation_logprobs)
+                ]
+            return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
 
     def chat_completion(
         self,
@@ -244,36 +263,58 @@ class Llama:
         A dialog that contains the format's own tags ([INST], <<SYS>>, ...) is not run and gets the reference's
         refusal text.
         """
-        dialogs = to_list("dialogs", dialogs)
-        if dialogs and all(isinstance(m, dict) for m in dialogs):
-            raise TypeError("dialogs must be a list of dialogs, got a single dialog (a list of messages); wrap it in a list")
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
-        for i, dialog in enumerate(dialogs):
-            check_dialog(dialog, i)
-        unsafe = [has_special_tags(dialog) for dialog in dialogs]
-        safe = [i for i, bad in enumerate(unsafe) if not bad]
-        safe_prompts = [encode_dialog(dialogs[i], functools.partial(self._encode, f"dialogs[{i}]")) for i in safe]
-        generation_tokens, generation_logprobs = self._generate(
-            safe_prompts, max_gen_len, temperature, top_p, logprobs, False, lambda k: f"dialogs[{safe[k]}] (once encoded)"
-        )
-        answers = iter(zip(generation_tokens, generation_logprobs or [[]] * len(generation_tokens)))
-        predictions: List[ChatPrediction] = []
-        for bad in unsafe:
-            tokens, scores = ([], []) if bad else next(answers)
-            content = UNSAFE_ERROR if bad else self.tokenizer.decode(tokens)
-            prediction: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
-            if logprobs:
-                prediction["tokens"] = [self.tokenizer.decode([x]) for x in tokens]
-                prediction["logprobs"] = scores
-            predictions.append(prediction)
-        return predictions
+        dialogs = _read_once(dialogs)
+        with self._call(dialogs, temperature, top_p, max_gen_len, logprobs):
+            dialogs = to_list("dialogs", dialogs)
+            if dialogs and all(isinstance(m, dict) for m in dialogs):
+                raise TypeError("dialogs must be a list of dialogs, got a single dialog (a list of messages); wrap it in a list")
+            if max_gen_len is None:
+                max_gen_len = self.model.params.max_seq_len - 1
+            for i, dialog in enumerate(dialogs):
+                check_dialog(dialog, i)
+            unsafe = [has_special_tags(dialog) for dialog in dialogs]
+            safe = [i for i, bad in enumerate(unsafe) if not bad]
+            safe_prompts = [encode_dialog(dialogs[i], functools.partial(self._encode, f"dialogs[{i}]")) for i in safe]
+            generation_tokens, generation_logprobs = self._generate(
+                safe_prompts, max_gen_len, temperature, top_p, logprobs, False, lambda k: f"dialogs[{safe[k]}] (once encoded)"
+            )
+            answers = iter(zip(generation_tokens, generation_logprobs or [[]] * len(generation_tokens)))
+            predictions: List[ChatPrediction] = []
+            for bad in unsafe:
+                tokens, scores = ([], []) if bad else next(answers)
+                content = UNSAFE_ERROR if bad else self.tokenizer.decode(tokens)
+                prediction: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
+                if logprobs:
+                    prediction["tokens"] = [self.tokenizer.decode([x]) for x in tokens]
+                    prediction["logprobs"] = scores
+                predictions.append(prediction)
+            return predictions
 
     def _encode(self, name: str, text: str, bos: bool = True, eos: bool = False) -> List[int]:
         try:
             return self.tokenizer.encode(text, bos=bos, eos=eos)
         except InputError as e:
             raise InputError(f"{name}: {e}") from None
+
+
+def _read_once(value: object) -> object:
+    """An iterator read into a list (it can be read only once); anything else as it is."""
+    return list(value) if isinstance(value, Iterator) else value
+
+
+def _fingerprint(value: object) -> bytes:
+    """The same bytes for the same arguments on every rank: arrays and tensors as lists, containers recursively."""
+
+    def plain(x: object) -> object:
+        if hasattr(x, "tolist"):
+            return x.tolist()
+        if isinstance(x, (list, tuple)):
+            return [plain(item) for item in x]
+        if isinstance(x, dict):
+            return sorted((repr(k), plain(v)) for k, v in x.items())
+        return x
+
+    return repr(plain(value)).encode("utf-8", "surrogatepass")
 
 
 def _path(name: str, value: PathLike) -> Path:

@@ -4,22 +4,31 @@ gloo takes hundreds of microseconds for an all-reduce of a few kilobytes over lo
 step makes two per layer. Here each rank writes its tensor into its own slot of a shared mapping,
 publishes a sequence number, and spins until every peer has published the same one: about 10 us.
 Two banks of slots alternate, so a rank may start op k+1 while a slower peer still reads op k.
+Each rank holds a POSIX lock on one byte of the segment's file for the group's life; the kernel drops it when the
+process dies, so a peer's death shows in any PID namespace, where its PID may name another process or none.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import platform
 import tempfile
 import time
 import uuid
+import weakref
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
 from llama.errors import DistributedError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX locks, and no shared-memory collectives
+    fcntl = None  # type: ignore[assignment]
 
 _FLAG_STRIDE = 8  # int64s per rank's flag: a 64-byte cache line each, so ranks do not share one
 _SPINS_BEFORE_YIELD = 256
@@ -27,8 +36,8 @@ _LIVENESS_PERIOD_S = 0.2
 
 
 def supported() -> bool:
-    """Whether this machine orders stores as the protocol needs (x86's total store order) without explicit fences."""
-    return platform.machine().lower() in ("x86_64", "amd64")
+    """Whether this machine orders stores as the protocol needs (x86's total store order) and has POSIX locks."""
+    return platform.machine().lower() in ("x86_64", "amd64") and fcntl is not None
 
 
 def new_segment_path() -> Path:
@@ -42,19 +51,26 @@ class SharedMemoryGroup:
     Every rank must call the same collectives in the same order, as with torch.distributed.
     """
 
-    def __init__(self, path: Path, rank: int, world_size: int, pids: List[int], slot_bytes: int, timeout_s: float, create: bool) -> None:
-        self.rank, self.world_size, self.pids = rank, world_size, pids
+    def __init__(self, path: Path, rank: int, world_size: int, slot_bytes: int, timeout_s: float, create: bool) -> None:
+        """Create (rank 0) or open the segment at path; an OSError when it cannot be reserved, opened or locked."""
+        self.rank, self.world_size = rank, world_size
         self.slot_bytes = slot_bytes
         self.timeout_s = timeout_s
         self._header = _FLAG_STRIDE * 8 * world_size
         size = self._header + 2 * world_size * slot_bytes
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        # Kept open for the group's life: it holds this rank's liveness lock, which closing any fd of the file would drop.
+        self._fd = fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                _reserve(fd, size, path)
+            elif os.fstat(fd).st_size < size:
+                raise OSError(errno.EINVAL, f"{path} holds {os.fstat(fd).st_size} bytes, not the {size} this group needs")
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, rank)
             self._mmap = mmap.mmap(fd, size)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        weakref.finalize(self, os.close, fd)
         self._flags = memoryview(self._mmap).cast("q")
         self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self._seq = 0
@@ -118,27 +134,35 @@ class SharedMemoryGroup:
                 if deadline is None:
                     deadline = now + self.timeout_s
                 if now >= deadline:
-                    raise DistributedError(f"rank {self.rank}: rank {rank} of the model-parallel group did not answer within {self.timeout_s:.0f} s")
+                    raise DistributedError(
+                        f"rank {self.rank}: rank {rank} of the model-parallel group did not answer within {self.timeout_s:.0f} s"
+                    )
                 if now >= next_check:
                     self._check_alive(rank)
                     next_check = now + _LIVENESS_PERIOD_S
 
     def _check_alive(self, rank: int) -> None:
-        pid = self.pids[rank]
-        stat = Path(f"/proc/{pid}/stat")
+        """Raise if rank's process has exited: its lock on its byte of the file is gone (then the lock attempt succeeds)."""
         try:
-            alive = stat.read_text().split(")")[-1].split()[0] not in ("Z", "X") if stat.parent.exists() else _signal_alive(pid)
-        except FileNotFoundError:
-            alive = False
-        if not alive:
-            raise DistributedError(f"rank {self.rank}: rank {rank} of the model-parallel group (pid {pid}) exited")
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, rank)
+        except OSError:
+            return  # held (EACCES or EAGAIN): the peer lives; it may hang, which the timeout catches
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, rank)
+        raise DistributedError(f"rank {self.rank}: rank {rank} of the model-parallel group exited")
 
 
-def _signal_alive(pid: int) -> bool:
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Allocate size bytes for fd's file now: a sparse tmpfs file over the free space of /dev/shm dies of SIGBUS at first touch."""
+    if not hasattr(os, "posix_fallocate"):  # macOS: no /dev/shm; the file is on disk in the temporary folder
+        os.ftruncate(fd, size)
+        return
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        fs = os.statvfs(path.parent)
+        free = fs.f_bavail * fs.f_frsize
+        raise OSError(e.errno, f"could not reserve {_size(size)} in {path.parent} ({_size(free)} free): {e.strerror}") from e
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.1f} KiB"

@@ -7,6 +7,7 @@ building a ``Llama`` again in a live process group); tests/dist_worker.py is the
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from llama import CheckpointError, distributed
+from llama.errors import InputError
 from tests.conftest import ROOT, build
 from tests.dist_utils import free_port
 
@@ -30,6 +32,8 @@ MAX_GEN_LEN = 8
 # Their prefill activations outgrow a shared-memory slot (sized for one decode step), so it goes over gloo, then decode
 # goes through shared memory: both transports in one generation.
 LONG_PROMPTS = [[1] + list(range(100, 140)), [1] + list(range(300, 330))]
+# Rank 1's prompts in the "different prompts" cases: a longer first prompt, so the ranks would run different numbers of steps.
+OTHER_PROMPTS = [[1, 20, 30, 40, 50, 60], [1, 60]]
 SAMPLING = dict(temperature=1.0, top_p=0.95, max_gen_len=16)
 MID_DECODE = 4  # Transformer.forward call 1 is the prefill, the rest are decode steps
 FAULT_TIMEOUT_S = 20  # LLAMA_DIST_TIMEOUT in the fault tests: a survivor that only stops at this timeout did not detect the fault
@@ -59,6 +63,10 @@ def read_reports(out: Path, world_size: int) -> List[Report]:
 
 def greedy_case(name: str, ckpt: Path) -> dict:
     return {"name": name, "ckpt_dir": str(ckpt), "prompts": PROMPTS, "max_gen_len": MAX_GEN_LEN}
+
+
+def different_prompts_case(ckpt: Path) -> dict:
+    return {**greedy_case("different prompts", ckpt), "prompts_per_rank": [PROMPTS, OTHER_PROMPTS], "expect_error": True}
 
 
 def torchrun(nproc: int, cases: List[dict], tmp: Path) -> List[Report]:
@@ -101,13 +109,19 @@ def resharded(checkpoints: Dict[int, Path], tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="module")
 def on_two(checkpoints: Dict[int, Path], resharded: Path, tmp_path_factory: pytest.TempPathFactory) -> List[Report]:
     """One torchrun launch of 2 processes: every shard count, model_parallel_size 1, a sampled run with a different seed per
-    rank, the reshard output."""
+    rank, the reshard output, the first model used again after the others, ranks given different prompts, no room in /dev/shm."""
     cases = [greedy_case(f"{k} shards", checkpoints[k]) for k in COUNTS]
-    # Each process a whole model, then model-parallel again: the groups are rebuilt between builds.
+    cases[0]["keep"] = "first"
+    # Each process a whole model, then model-parallel again: the groups are switched between builds.
     cases.insert(1, {**greedy_case("model_parallel_size 1", checkpoints[2]), "model_parallel_size": 1})
+    cases.insert(2, {**greedy_case("first model again", checkpoints[1]), "reuse": "first"})
     cases.append({"name": "sampled", "ckpt_dir": str(checkpoints[2]), "prompts": PROMPTS, "seed": 1, "seed_per_rank": 1000, **SAMPLING})
     cases.append(greedy_case("resharded", resharded))
     cases.append({**greedy_case("long prompts", checkpoints[2]), "prompts": LONG_PROMPTS})
+    cases.append(different_prompts_case(checkpoints[2]))
+    # Rank 1 alone passes a temperature it refuses: it must not raise alone and leave rank 0 waiting in a collective.
+    cases.append({**greedy_case("one rank's bad temperature", checkpoints[2]), "temperature_per_rank": [0.0, -1.0], "expect_error": True})
+    cases.append({**greedy_case("no room in /dev/shm", checkpoints[2]), "shm_reserve_fails_on_rank": 0})
     return torchrun(2, cases, tmp_path_factory.mktemp("on_two"))
 
 
@@ -134,9 +148,50 @@ def test_k_shards_on_n_processes_equal_one_process_on_unsharded_weights(
 
 def test_collectives_go_through_shared_memory_on_one_host(on_two: List[Report], on_four: List[Report]) -> None:
     for report in on_two + on_four:
-        transports = {name: result["transport"] for name, result in report["results"].items()}
+        transports = {name: result["transport"] for name, result in report["results"].items() if "transport" in result}
         assert transports.pop("model_parallel_size 1", "none") == "none"
+        transports.pop("no room in /dev/shm", None)
         assert set(transports.values()) == {"shared memory"}, transports
+
+
+def test_a_model_still_works_after_one_of_another_model_parallel_size_is_built(on_two: List[Report], reference: Tuple[list, list]) -> None:
+    """Each Llama keeps its own group: building with model_parallel_size 1 once made the first (size 2) skip its all-reduces."""
+    for report in on_two:
+        result = report["results"]["first model again"]
+        assert_matches(result, reference)
+        assert result["transport"] == "shared memory"
+
+
+def test_full_dev_shm_falls_back_to_gloo_with_a_warning_naming_the_rank_and_cause(
+    on_two: List[Report], reference: Tuple[list, list]
+) -> None:
+    """A segment created sparse over the free space of /dev/shm once died of SIGBUS at the first large collective."""
+    for report in on_two:
+        result = report["results"]["no room in /dev/shm"]
+        assert_matches(result, reference)
+        assert result["transport"] == "gloo"
+        # Rank 1 reserved nothing itself: the warning still names rank 0 and its cause, not "None".
+        [warning] = [w for w in result["warnings"] if "shared-memory" in w]
+        assert "rank 0: [Errno 28] could not reserve" in warning and "No space left on device" in warning, warning
+        assert "LLAMA_SHM_COLLECTIVES=0" in warning and "None" not in warning, warning
+
+
+def assert_different_prompts_fail_at_once(reports: List[Report], case: str = "different prompts") -> None:
+    for report in reports:
+        result = report["results"][case]
+        assert result["error"]["type"] == "InputError", result["error"]
+        message = result["error"]["message"]
+        assert f"rank {report['rank']}: rank(s) [1] passed different prompts or sampling arguments from rank 0" in message
+        assert "every rank of a model-parallel group must pass the same prompts" in message
+        assert result["seconds"] < 5, f"failed after {result['seconds']:.1f} s: it waited for a peer instead of comparing"
+
+
+def test_ranks_given_different_prompts_fail_at_once_over_shared_memory(on_two: List[Report]) -> None:
+    assert_different_prompts_fail_at_once(on_two)
+
+
+def test_a_value_only_one_rank_refuses_fails_every_rank_at_once(on_two: List[Report]) -> None:
+    assert_different_prompts_fail_at_once(on_two, "one rank's bad temperature")
 
 
 def test_model_parallel_size_one_on_two_processes_runs_a_whole_model_in_each(on_two: List[Report], reference: Tuple[list, list]) -> None:
@@ -183,9 +238,11 @@ def test_build_on_three_ranks_of_a_four_head_model_names_the_sizes_that_work(ckp
         build(ckpt_dir)
 
 
-def test_two_nodes_of_one_process_each_equal_one_process(checkpoints: Dict[int, Path], reference: Tuple[list, list], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def on_two_nodes(checkpoints: Dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> List[Report]:
     """Two torchrun launches, as on two machines (static rendezvous at rank 0's address); collectives over gloo, as between hosts."""
-    spec, out = write_spec(tmp_path, [greedy_case(f"{k} shards", checkpoints[k]) for k in (1, 2)])
+    cases = [greedy_case(f"{k} shards", checkpoints[k]) for k in (1, 2)] + [different_prompts_case(checkpoints[2])]
+    spec, out = write_spec(tmp_path_factory.mktemp("on_two_nodes"), cases)
     port = str(free_port())
     nodes = [
         subprocess.Popen(
@@ -198,11 +255,32 @@ def test_two_nodes_of_one_process_each_equal_one_process(checkpoints: Dict[int, 
     outputs = finish(nodes, LAUNCH_TIMEOUT_S)
     for node, (returncode, _, stderr) in zip(nodes, outputs):
         assert returncode == 0, stderr[-4000:]
-    for report in read_reports(out, 2):
+    return read_reports(out, 2)
+
+
+def test_two_nodes_of_one_process_each_equal_one_process(on_two_nodes: List[Report], reference: Tuple[list, list]) -> None:
+    for report in on_two_nodes:
         assert report["world_size"] == 2 and report["error"] is None
         for k in (1, 2):
             assert_matches(report["results"][f"{k} shards"], reference)
             assert report["results"][f"{k} shards"]["transport"] == "gloo"
+
+
+def test_ranks_given_different_prompts_fail_at_once_over_gloo(on_two_nodes: List[Report]) -> None:
+    assert_different_prompts_fail_at_once(on_two_nodes)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-5", "0", "1e400", "1e20", "abc", ""])
+def test_invalid_dist_timeout_names_the_variable_and_what_is_expected(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_DIST_TIMEOUT", value)
+    expected = rf"LLAMA_DIST_TIMEOUT={value!r} is not a usable timeout: expected a number of seconds from 0\.001 "
+    with pytest.raises(InputError, match=expected):
+        distributed.timeout()
+
+
+def test_dist_timeout_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_DIST_TIMEOUT", "2.5")
+    assert math.isclose(distributed.timeout().total_seconds(), 2.5)
 
 
 # Faults, with the ranks started by hand: torchrun's agent would tear the group down when a rank dies, and so
@@ -225,11 +303,14 @@ def finish(processes: List[subprocess.Popen], timeout: float) -> List[Tuple[int,
     return results
 
 
-def start_ranks(spec: Path, out: Path, world_size: int = 2, **env: str) -> List[subprocess.Popen]:
+def start_ranks(
+    spec: Path, out: Path, world_size: int = 2, wrap: Optional[Dict[int, List[str]]] = None, **env: str
+) -> List[subprocess.Popen]:
+    """Start world_size workers by hand; wrap maps a rank to a command to run its worker under."""
     port = str(free_port())
     return [
         subprocess.Popen(
-            [sys.executable, WORKER, str(spec), str(out)], cwd=ROOT,
+            (wrap or {}).get(rank, []) + [sys.executable, WORKER, str(spec), str(out)], cwd=ROOT,
             env=worker_env(**{"LLAMA_DIST_TIMEOUT": str(FAULT_TIMEOUT_S), **env}, RANK=str(rank), WORLD_SIZE=str(world_size),
                            LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -290,3 +371,52 @@ def test_rank_that_hangs_makes_the_other_fail_after_the_timeout(collectives: str
     assert report["error"]["type"] == "DistributedError", report["error"]
     assert report["error"]["message"].startswith("rank 0: ")
     assert "DistributedError" in stderr
+
+
+def unshare_pid_namespace() -> List[str]:
+    """A command prefix that runs a process in PID and mount namespaces of its own, with its own /proc, or [] if not permitted."""
+    command = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+    try:
+        permitted = subprocess.run(command + ["true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        permitted = False
+    return command if permitted else []
+
+
+def test_peer_in_another_pid_namespace_is_not_taken_for_dead_and_its_death_is_seen(
+    checkpoints: Dict[int, Path], reference: Tuple[list, list], tmp_path: Path
+) -> None:
+    """Two containers of one pod share hostname, boot id and /dev/shm but not PIDs: rank 0's PID means nothing in rank 1's
+    /proc. Liveness once looked there, so rank 1 called a slow rank 0 dead; now it checks rank 0's lock on the segment."""
+    unshare = unshare_pid_namespace()
+    if not unshare:
+        pytest.skip("unshare --pid --mount-proc is not permitted here")
+    slow = {**greedy_case("rank 0 slow", checkpoints[2]), "fault": {"rank": 0, "at_forward": MID_DECODE, "how": "pause", "seconds": 1}}
+    killed = {**greedy_case("rank 0 killed", checkpoints[2]), "fault": {"rank": 0, "at_forward": MID_DECODE, "how": "kill"}}
+    spec, out = write_spec(tmp_path, [slow, killed])
+    start = time.monotonic()
+    outputs = finish(start_ranks(spec, out, wrap={1: unshare}, LLAMA_SHM_COLLECTIVES="1"), LAUNCH_TIMEOUT_S)
+    elapsed = time.monotonic() - start
+    report = json.loads((out / "rank1.json").read_text())
+    assert report["pid"] == 1, "rank 1 did not run in a PID namespace of its own"
+    assert "rank 0 slow" in report["results"], report["error"]  # no false "exited" while rank 0 paused
+    assert outputs[0][0] == -signal.SIGKILL and outputs[1][0] != 0
+    assert_matches(report["results"]["rank 0 slow"], reference)
+    assert report["results"]["rank 0 slow"]["transport"] == "shared memory"
+    assert report["error"]["type"] == "DistributedError", report["error"]
+    assert report["error"]["message"].startswith("rank 1: rank 0 of the model-parallel group exited"), report["error"]
+    assert elapsed < FAULT_TIMEOUT_S, f"took {elapsed:.1f} s: the survivor waited for the timeout instead of seeing the peer die"
+
+
+def test_rank_killed_while_setting_up_shared_memory_leaves_no_segment_behind(checkpoints: Dict[int, Path], tmp_path: Path) -> None:
+    case = {**greedy_case("dies in setup", checkpoints[2]), "fault": {"rank": 1, "at": "shm_attach", "how": "kill"}}
+    spec, out = write_spec(tmp_path, [case])
+    start = time.monotonic()
+    (rc0, _, err0), (rc1, _, _) = finish(start_ranks(spec, out, LLAMA_SHM_COLLECTIVES="1"), LAUNCH_TIMEOUT_S)
+    elapsed = time.monotonic() - start
+    assert rc1 == -signal.SIGKILL and rc0 != 0
+    assert json.loads((out / "rank0.json").read_text())["error"]["type"] == "DistributedError", err0[-2000:]
+    segment = Path((out / "segment").read_text())
+    assert segment.name.startswith("llama-")
+    assert not segment.exists(), f"{segment} was left behind"
+    assert elapsed < FAULT_TIMEOUT_S
