@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from llama import distributed
+from llama import devices
 from llama.errors import InputError
 
 # Positionals fill these, in this order, when their flags are not given (as fire did).
@@ -75,16 +75,16 @@ def non_negative_int(value: str) -> int:
 
 def dtype_name(value: str) -> str:
     try:
-        distributed.resolve_dtype(value, torch.device("cpu"))
+        devices.resolve_dtype(value, torch.device("cpu"))
     except InputError:
-        names = ", ".join(sorted(distributed._DTYPE_NAMES))
+        names = ", ".join(sorted(devices.DTYPE_NAMES))
         raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected one of {names}") from None
     return value
 
 
 def device_name(value: str) -> str:
     try:
-        distributed.resolve_device(value)
+        devices.resolve_device(value)
     except InputError as e:
         raise argparse.ArgumentTypeError(f"invalid value {value!r}: {e}") from None
     return value

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from llama import distributed
+from llama import devices, distributed
 from llama.args import ModelArgs, check_model_parallel_size, load_params
 from llama.chat_format import (
     UNSAFE_ERROR,
@@ -64,8 +64,8 @@ class Llama:
         if seed >= 2**64:
             raise InputError(f"seed must be below 2**64, got {seed}")
         start_time = time.time()
-        run_device = distributed.resolve_device(device)
-        run_dtype = distributed.resolve_dtype(dtype, run_device)
+        run_device = devices.resolve_device(device)
+        run_dtype = devices.resolve_dtype(dtype, run_device)
         distributed.init_process_group(run_device)
         n_ranks = distributed.init_model_parallel(model_parallel_size)
         distributed.silence_stdout_off_rank0()

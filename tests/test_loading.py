@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llama import CheckpointError, InputError
-from llama import distributed
+from llama import devices
 from tests.conftest import build
 
 
@@ -174,25 +174,25 @@ def test_bad_device(device: str, message: str) -> None:
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(InputError, match=message):
-        distributed.resolve_device(device)
+        devices.resolve_device(device)
 
 
 def test_bad_dtype() -> None:
     with pytest.raises(InputError, match=r"dtype='int8' is not a floating dtype"):
-        distributed.resolve_dtype("int8", torch.device("cpu"))
+        devices.resolve_dtype("int8", torch.device("cpu"))
     with pytest.raises(InputError, match=r"dtype=torch.int64 is not supported"):
-        distributed.resolve_dtype(torch.int64, torch.device("cpu"))
+        devices.resolve_dtype(torch.int64, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_default_cpu_dtype_follows_native_bf16(monkeypatch: pytest.MonkeyPatch, native_bf16: bool, expected: torch.dtype) -> None:
-    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: native_bf16)
-    assert distributed.resolve_dtype(None, torch.device("cpu")) == expected
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
+    assert devices.resolve_dtype(None, torch.device("cpu")) == expected
 
 
 def test_default_device_without_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(distributed, "_mps_available", lambda: False)
-    assert distributed.resolve_device(None) == torch.device("cpu")
-    monkeypatch.setattr(distributed, "_mps_available", lambda: True)
-    assert distributed.resolve_device(None) == torch.device("mps")
+    monkeypatch.setattr(devices, "_mps_available", lambda: False)
+    assert devices.resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(devices, "_mps_available", lambda: True)
+    assert devices.resolve_device(None) == torch.device("mps")
