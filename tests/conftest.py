@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -53,3 +54,16 @@ def build(ckpt_dir: Path, max_seq_len: int = 64, max_batch_size: int = 4, **kwar
 @pytest.fixture(scope="session")
 def generator(ckpt_dir: Path) -> Llama:
     return build(ckpt_dir)
+
+
+@pytest.fixture
+def ckpt_copy(ckpt_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny checkpoint that a test may damage."""
+    return Path(shutil.copytree(ckpt_dir, tmp_path / "ckpt"))
+
+
+def edit_params(ckpt: Path, **changes: object) -> None:
+    """Change fields of ckpt's params.json."""
+    params = json.loads((ckpt / "params.json").read_text())
+    params.update(changes)
+    (ckpt / "params.json").write_text(json.dumps(params))

@@ -119,7 +119,7 @@ def test_missing_last_shards_are_named(removed: List[str], make_checkpoint: Call
     ckpt = Path(shutil.copytree(make_checkpoint(n_shards=4), tmp_path / "ckpt"))
     for name in removed:
         (ckpt / name).unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(f"is one of 4 shards") + r".*missing " + re.escape(", ".join(removed))):
+    with pytest.raises(FileNotFoundError, match=re.escape("is one of 4 shards") + r".*missing " + re.escape(", ".join(removed))):
         load_checkpoint(ckpt, tiny_args(), 2, 0)
 
 

@@ -32,11 +32,6 @@ def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.Comple
     return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def ckpt_copy(ckpt_dir: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(ckpt_dir, tmp_path / "ckpt"))
-
-
 def test_shard_overwritten_in_place_does_not_change_a_running_model(ckpt_copy: Path, make_checkpoint: Callable[..., Path]) -> None:
     """Writing other weights into the shard file itself (as ``cp`` does) used to swap a running model's weights."""
     llama = build(ckpt_copy)

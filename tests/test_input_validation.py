@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -17,20 +15,9 @@ from llama import CheckpointError, InputError, Llama
 from llama.args import ModelArgs, model_parallel_sizes
 from llama.memory import kv_cache_bytes, weight_bytes
 from llama.sampling import next_token
-from tests.conftest import build
+from tests.conftest import build, edit_params
 
 PROMPTS = ["The llama is", "Once upon a time, a shepherd", "A", "Bread is baked", "Rivers run to the sea"]
-
-
-@pytest.fixture
-def ckpt_copy(ckpt_dir: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(ckpt_dir, tmp_path / "ckpt"))
-
-
-def edit_params(ckpt: Path, **changes: object) -> None:
-    params = json.loads((ckpt / "params.json").read_text())
-    params.update(changes)
-    (ckpt / "params.json").write_text(json.dumps(params))
 
 
 # --- threads ---------------------------------------------------------------------------------------------------------

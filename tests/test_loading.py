@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -13,19 +11,7 @@ import torch
 
 from llama import CheckpointError, InputError
 from llama import devices
-from tests.conftest import build
-
-
-@pytest.fixture
-def ckpt_copy(ckpt_dir: Path, tmp_path: Path) -> Path:
-    """A private copy of the tiny checkpoint that a test may damage."""
-    return Path(shutil.copytree(ckpt_dir, tmp_path / "ckpt"))
-
-
-def edit_params(ckpt: Path, **changes: object) -> None:
-    params = json.loads((ckpt / "params.json").read_text())
-    params.update(changes)
-    (ckpt / "params.json").write_text(json.dumps(params))
+from tests.conftest import build, edit_params
 
 
 def edit_shard(ckpt: Path, edit) -> None:
