@@ -13,7 +13,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from llama import devices, distributed
+from llama import devices, distributed, engine
 from llama.args import ModelArgs, check_model_parallel_size, load_params
 from llama.chat_format import (
     UNSAFE_ERROR,
@@ -28,7 +28,6 @@ from llama.checkpoint import infer_vocab_size, load_checkpoint
 from llama.errors import CheckpointError, InputError
 from llama.memory import check_fits
 from llama.model import Transformer
-from llama.sampling import next_token, token_logprobs
 from llama.tokenizer import Tokenizer
 from llama.validation import batch_of_token_lists, to_bool, to_float, to_int, to_list, to_token_ids
 
@@ -137,13 +136,13 @@ class Llama:
         top_p = to_float("top_p", top_p, 0.0, 1.0, above_minimum=True)
         logprobs, echo = to_bool("logprobs", logprobs), to_bool("echo", echo)
         self._check_prompt_lengths(prompts, name)
-        batch = self.model.params.max_batch_size
-        out_tokens: List[List[int]] = []
-        out_logprobs: List[List[float]] = []
-        for first in range(0, len(prompts), batch):
-            tokens, scores = self._generate_batch(prompts[first : first + batch], max_gen_len, temperature, top_p, logprobs, echo)
-            out_tokens += tokens
-            out_logprobs += scores
+        max_seq_len = self.model.params.max_seq_len
+        sampling = engine.Sampling(temperature, top_p, logprobs)
+        sequences = [engine.Sequence(p, min(max_seq_len, len(p) + max_gen_len), sampling, score_prompt=logprobs and echo) for p in prompts]
+        with distributed.peer_failures("generating"):
+            engine.Engine(self.model, {self.tokenizer.eos_id}, self.generator).run(sequences)
+        out_tokens = [s.tokens if echo else s.generated for s in sequences]
+        out_logprobs = [s.logprobs if echo else s.logprobs[len(s.prompt) :] for s in sequences]
         return out_tokens, (out_logprobs if logprobs else None)
 
     @contextlib.contextmanager
@@ -166,59 +165,6 @@ class Llama:
                     f"{name(i)} has {len(prompt)} tokens, which exceeds max_seq_len={max_seq_len}; "
                     "pass a larger max_seq_len to Llama.build or shorten the prompt"
                 )
-
-    def _generate_batch(
-        self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool, echo: bool
-    ) -> Tuple[List[List[int]], List[List[float]]]:
-        """Meta's decode loop: one prefill of the shortest prompt's length, then a token at a time for every row."""
-        bsz = len(prompt_tokens)
-        prompt_lens = [len(t) for t in prompt_tokens]
-        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
-        total_len = min(self.model.params.max_seq_len, max_gen_len + max_prompt_len)
-        pad_id = self.tokenizer.pad_id
-        eos_id = self.tokenizer.eos_id
-
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=self.device)
-        input_text_mask = torch.zeros((bsz, total_len), dtype=torch.bool, device=self.device)
-        for k, t in enumerate(prompt_tokens):
-            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
-            input_text_mask[k, : len(t)] = True  # from the lengths: a prompt may hold the pad id itself
-        scores = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-
-        with distributed.peer_failures("generating"):
-            if min_prompt_len == total_len:  # nothing to generate: only score the prompts
-                if logprobs:
-                    logits = self.model.forward(tokens, 0)
-                    # The reference scores each token against its own position; the logits at i predict i + 1.
-                    scores[:, 1:] = token_logprobs(logits[:, :-1], tokens[:, 1:], pad_id)
-            prev_pos = 0
-            for cur_pos in range(min_prompt_len, total_len):
-                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not logprobs)
-                chosen = distributed.broadcast_tokens(next_token(logits[:, -1], temperature, top_p, self.generator))
-                # Rows still inside their prompt keep the prompt's token.
-                chosen = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], chosen)
-                tokens[:, cur_pos] = chosen
-                if logprobs:
-                    scores[:, prev_pos + 1 : cur_pos + 1] = token_logprobs(logits, tokens[:, prev_pos + 1 : cur_pos + 1], pad_id)
-                eos_reached |= (~input_text_mask[:, cur_pos]) & (chosen == eos_id)
-                prev_pos = cur_pos
-                if bool(eos_reached.all()):
-                    break
-
-        out_tokens, out_scores = [], []
-        all_scores = scores.tolist() if logprobs else None
-        for i, row in enumerate(tokens.tolist()):
-            start = 0 if echo else prompt_lens[i]
-            end = prompt_lens[i] + max_gen_len
-            toks = row[start:end]
-            # Cut at the first EOS the model generated; an EOS inside an echoed prompt stays.
-            generated_from = prompt_lens[i] - start
-            if eos_id in toks[generated_from:]:
-                toks = toks[: toks.index(eos_id, generated_from)]
-            out_tokens.append(toks)
-            out_scores.append(all_scores[i][start : start + len(toks)] if all_scores is not None else [])
-        return out_tokens, out_scores
 
     def text_completion(
         self,

@@ -6,7 +6,8 @@ every split tensor exactly as Meta's ``consolidated.NN.pth`` shards lay them out
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ from torch import nn
 from llama.args import ModelArgs, local_head_counts
 from llama.errors import InputError
 from llama.parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+
+Positions = Union[int, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -40,11 +43,14 @@ def precompute_rope(head_dim: int, end: int, theta: float, device: Optional[torc
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (Meta's interleaved layout) of x: (bsz, seqlen, n_heads, head_dim)."""
+    """Rotate adjacent pairs (Meta's interleaved layout) of x: (bsz, seqlen, n_heads, head_dim).
+
+    cos, sin: (bsz or 1, seqlen, head_dim // 2), the angles of each row's positions.
+    """
     pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, n_heads, head_dim // 2, 2)
     x0, x1 = pairs.unbind(-1)
-    cos = cos[None, :, None, :]  # (1, seqlen, 1, head_dim // 2)
-    sin = sin[None, :, None, :]
+    cos = cos[:, :, None, :]  # (bsz or 1, seqlen, 1, head_dim // 2)
+    sin = sin[:, :, None, :]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -58,13 +64,21 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store xk, xv (bsz, n_kv_heads, seqlen, head_dim) at start_pos; return all keys and values up to them."""
-        bsz, _, seqlen, _ = xk.shape
-        end = start_pos + seqlen
-        self.k[:bsz, :, start_pos:end] = xk
-        self.v[:bsz, :, start_pos:end] = xv
-        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+    def update(self, rows: slice, positions: Positions, xk: torch.Tensor, xv: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store xk, xv (bsz, seqlen, n_kv_heads, head_dim) in cache rows ``rows`` at ``positions``; return those rows'
+        keys and values at positions [0, kv_len), each (bsz, n_kv_heads, kv_len, head_dim).
+
+        positions: an int (every row's first position) or a (bsz, seqlen) tensor of each token's position.
+        """
+        k, v = self.k[rows], self.v[rows]
+        if isinstance(positions, int):
+            k[:, :, positions : positions + xk.shape[1]] = xk.transpose(1, 2)
+            v[:, :, positions : positions + xv.shape[1]] = xv.transpose(1, 2)
+        else:
+            batch = torch.arange(xk.shape[0], device=xk.device)[:, None]  # (bsz, 1), against positions (bsz, seqlen)
+            k[batch, :, positions] = xk  # advanced indices first: the target is (bsz, seqlen, n_kv_heads, head_dim)
+            v[batch, :, positions] = xv
+        return k[:, :, :kv_len], v[:, :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -81,19 +95,19 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: "Step") -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq = apply_rotary_emb(xq, cos, sin)
-        xk = apply_rotary_emb(xk, cos, sin)
+        xq = apply_rotary_emb(xq, step.cos, step.sin)
+        xk = apply_rotary_emb(xk, step.cos, step.sin)
         assert self.cache is not None, "Transformer.setup_caches was not called"
-        keys, values = self.cache.update(start_pos, xk.transpose(1, 2), xv.transpose(1, 2))
+        keys, values = self.cache.update(step.rows, step.positions, xk, xv, step.kv_len)
         # Query heads that share a KV head are stacked along the sequence axis, so no KV copy is made:
         # (bsz, n_local_kv_heads, n_rep * seqlen, head_dim); the mask is repeated to match.
         q = xq.transpose(1, 2).reshape(bsz, self.n_local_kv_heads, self.n_rep * seqlen, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
         out = out.view(bsz, self.n_local_heads, seqlen, self.head_dim).transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.wo(out)
 
@@ -118,8 +132,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+    def forward(self, x: torch.Tensor, step: "Step") -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -158,24 +172,69 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, *, last_logits_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: Positions,
+        *,
+        rows: Optional[slice] = None,
+        kv_len: Optional[int] = None,
+        last_logits_only: bool = False,
+        logits_at: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Logits (bsz, seqlen, vocab_size) of ``tokens`` (bsz, seqlen), in float32.
+
+        start_pos: the position of every row's first token (an int), or each row's own (a (bsz,) tensor).
+        rows: the KV-cache rows these sequences own (default the first bsz). kv_len: how many cached positions
+        attention reads (default: up to the last token; pass it with per-row positions to spare a device sync).
+        last_logits_only / logits_at ((bsz,) indices into seqlen): logits of one position per row, (bsz, 1, vocab).
+        """
         bsz, seqlen = tokens.shape
-        if bsz > self.params.max_batch_size or start_pos + seqlen > self.params.max_seq_len:
+        rows = slice(0, bsz) if rows is None else rows
+        step = self._step(tokens, start_pos, rows, kv_len)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, step)
+        if logits_at is not None:
+            h = h[torch.arange(bsz, device=h.device), logits_at][:, None]  # (bsz, 1, dim)
+        elif last_logits_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
+
+    def _step(self, tokens: torch.Tensor, start_pos: Positions, rows: slice, kv_len: Optional[int]) -> "Step":
+        bsz, seqlen = tokens.shape
+        device = tokens.device
+        if isinstance(start_pos, int):
+            positions: Positions = start_pos
+            kv_len = start_pos + seqlen if kv_len is None else kv_len
+            cos = self.rope_cos[start_pos : start_pos + seqlen][None]
+            sin = self.rope_sin[start_pos : start_pos + seqlen][None]
+            mask = None
+            if seqlen > 1:  # causal over the cached prefix and the new tokens: (n_rep * seqlen, kv_len)
+                mask = torch.ones(seqlen, kv_len, dtype=torch.bool, device=device).tril(start_pos).repeat(self.n_rep, 1)
+        else:
+            positions = start_pos.to(device)[:, None] + torch.arange(seqlen, device=device)  # (bsz, seqlen)
+            kv_len = int(positions.max()) + 1 if kv_len is None else kv_len
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (bsz, seqlen, head_dim // 2)
+            # Each token sees the cached positions up to its own: (bsz, 1, n_rep * seqlen, kv_len).
+            mask = (torch.arange(kv_len, device=device) <= positions[..., None])[:, None].repeat(1, 1, self.n_rep, 1)
+        last_row = rows.stop if rows.stop is not None else bsz
+        if last_row > self.params.max_batch_size or kv_len > self.params.max_seq_len or rows.stop - rows.start != bsz:
             raise InputError(
-                f"a batch of {bsz} x {seqlen} tokens at start_pos={start_pos} does not fit the KV cache of "
+                f"a batch of {bsz} x {seqlen} tokens at start_pos={start_pos if isinstance(start_pos, int) else start_pos.tolist()} "
+                f"in cache rows [{rows.start}, {rows.stop}) does not fit the KV cache of "
                 f"max_batch_size={self.params.max_batch_size}, max_seq_len={self.params.max_seq_len}"
             )
-        h = self.tok_embeddings(tokens)
-        cos = self.rope_cos[start_pos : start_pos + seqlen]
-        sin = self.rope_sin[start_pos : start_pos + seqlen]
-        mask = None
-        if seqlen > 1:
-            # Causal over the cached prefix and the new tokens: (n_rep * seqlen, start_pos + seqlen).
-            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device).tril(start_pos)
-            mask = mask.repeat(self.n_rep, 1)
-        for layer in self.layers:
-            h = layer(h, start_pos, cos, sin, mask)
-        h = self.norm(h)
-        if last_logits_only:
-            h = h[:, -1:]
-        return self.output(h).float()
+        return Step(rows, positions, kv_len, cos, sin, mask)
+
+
+@dataclass
+class Step:
+    """Where one forward pass reads and writes: shared by every layer."""
+
+    rows: slice  # the KV-cache rows of the batch
+    positions: Positions  # first position of every row (int), or each token's position (bsz, seqlen)
+    kv_len: int  # attention reads cached positions [0, kv_len)
+    cos: torch.Tensor  # (bsz or 1, seqlen, head_dim // 2)
+    sin: torch.Tensor
+    mask: Optional[torch.Tensor]  # None: every position up to kv_len is visible
