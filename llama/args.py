@@ -26,6 +26,7 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    quantization_args: Optional[dict] = None  # written by llama.quantize (Meta's llama-models name)
 
     max_batch_size: int = 32
     max_seq_len: int = 2048

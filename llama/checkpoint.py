@@ -3,6 +3,8 @@
 One table (``SPLIT_DIM``) says how each Llama 2 tensor is split across model-parallel ranks; every
 shard's expected shape, and every rank's slice of the full tensor, follows from it. Loaded weights are
 copies, never views of the memory-mapped files, and files are written under a temporary name and renamed.
+A checkpoint of quantized weights (``python -m llama.quantize``) says so by its tensors: beside each quantized
+weight it holds ``<key>_scale``, and its slices are cut from the same table, in the units ``llama.quantize`` stores.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from llama.args import ModelArgs, check_model_parallel_size, local_head_counts
-from llama.errors import CheckpointError
+from llama.args import ModelArgs, check_model_parallel_size, local_head_counts, model_parallel_sizes
+from llama.errors import CheckpointError, InputError
+from llama.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCALE_SUFFIX, Loader, Quantizer, Scheme, WholeRows, is_quantized
 from llama.validation import to_int
 
 logger = logging.getLogger(__name__)
 
 StateDict = Dict[str, torch.Tensor]
+# A per-tensor hook of state_dict_for_rank: (key, the rank's slice, whole_rows) -> the tensors to keep for key.
+Convert = Callable[[str, torch.Tensor, WholeRows], StateDict]
 
 
 class MappedShard(Dict[str, torch.Tensor]):
@@ -88,24 +93,41 @@ def _kind_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     }
 
 
-def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
-    """Every tensor of the unsharded model, in Meta's key order, with its full shape."""
+def _stored_split(key: str, scheme: Optional[Scheme]) -> Tuple[str, Optional[int], int]:
+    """(model tensor that ``key`` stores, the dim it is split on across ranks or None, elements of the model tensor
+    that one stored element covers along that dim): a quantized checkpoint packs and groups along the input dim."""
+    is_scale = scheme is not None and key.endswith(SCALE_SUFFIX)
+    base = key[: -len(SCALE_SUFFIX)] if is_scale else key
+    dim = SPLIT_DIM[_kind(base)]
+    if scheme is None or dim is None or not is_quantized(base):
+        return base, dim, 1
+    step = scheme.step(is_scale, dim)
+    return (base, None, 1) if step is None else (base, dim, step)
+
+
+def full_shapes(args: ModelArgs, scheme: Optional[Scheme] = None) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor of the unsharded model, in Meta's key order, with its full shape (as ``scheme`` stores it, if given)."""
     kinds = _kind_shapes(args)
     shapes = {"tok_embeddings.weight": kinds["tok_embeddings.weight"]}
     for layer in range(args.n_layers):
         shapes.update({f"layers.{layer}.{kind}": shape for kind, shape in kinds.items() if kind.startswith(("attention", "feed_forward", "ffn"))})
     shapes["norm.weight"] = kinds["norm.weight"]
     shapes["output.weight"] = kinds["output.weight"]
-    return shapes
+    if scheme is None:
+        return shapes
+    stored: Dict[str, Tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        stored.update(scheme.stored_shapes(key, shape) if is_quantized(key) else {key: shape})
+    return stored
 
 
-def shard_range(key: str, args: ModelArgs, n_shards: int, shard: int) -> Tuple[int, int]:
-    """[start, stop) of the full tensor, along its split dim, that shard ``shard`` of ``n_shards`` holds.
+def shard_range(key: str, args: ModelArgs, n_shards: int, shard: int, scheme: Optional[Scheme] = None) -> Tuple[int, int]:
+    """[start, stop) of the full (stored) tensor, along its split dim, that shard ``shard`` of ``n_shards`` holds.
 
     Past ``n_kv_heads`` shards, each shard holds a copy of the one KV head its query heads use.
     """
-    kind = _kind(key)
-    dim = SPLIT_DIM[kind]
+    base, dim, step = _stored_split(key, scheme)
+    kind = _kind(base)
     assert dim is not None, f"{key} is replicated"
     if kind in KV_KEYS:
         assert args.n_kv_heads is not None
@@ -113,15 +135,74 @@ def shard_range(key: str, args: ModelArgs, n_shards: int, shard: int) -> Tuple[i
         first_head = shard * args.n_kv_heads // n_shards
         return first_head * args.head_dim, (first_head + n_local_kv_heads) * args.head_dim
     size = _kind_shapes(args)[kind][dim] // n_shards
-    return shard * size, (shard + 1) * size
+    assert size % step == 0, f"{key}: a slice of {size} cuts a stored element of {step} (check_quantized_split)"
+    return shard * size // step, (shard + 1) * size // step
 
 
-def shard_shape(key: str, args: ModelArgs, n_shards: int, shard: int, full: Tuple[int, ...]) -> Tuple[int, ...]:
-    dim = SPLIT_DIM[_kind(key)]
+def shard_shape(
+    key: str, args: ModelArgs, n_shards: int, shard: int, full: Tuple[int, ...], scheme: Optional[Scheme] = None
+) -> Tuple[int, ...]:
+    dim = _stored_split(key, scheme)[1]
     if dim is None:
         return full
-    start, stop = shard_range(key, args, n_shards, shard)
+    start, stop = shard_range(key, args, n_shards, shard, scheme)
     return full[:dim] + (stop - start,) + full[dim + 1 :]
+
+
+def detect_scheme(shard: StateDict, path: Optional[Path] = None) -> Optional[Scheme]:
+    """How a shard's linear weights are quantized (None: not at all), read from its ``output.weight`` and ``_scale``."""
+    weight, scale = shard.get("output.weight"), shard.get("output.weight" + SCALE_SUFFIX)
+    if scale is None or weight is None or weight.dim() != 2:
+        return None  # a float checkpoint; check_shards names any stray scale as unexpected
+    if weight.dtype == torch.int8 and scale.dim() == 1:
+        return Scheme("int8")
+    if weight.dtype == torch.uint8 and scale.dim() == 3 and scale.shape[1] > 0 and (2 * weight.shape[1]) % scale.shape[1] == 0:
+        group_size = 2 * weight.shape[1] // scale.shape[1]
+        if group_size in GROUP_SIZES:
+            return Scheme("int4", group_size)
+    raise CheckpointError(
+        f"{path or 'a shard'} holds output.weight ({weight.dtype}, {tuple(weight.shape)}) with output.weight_scale "
+        f"({scale.dtype}, {tuple(scale.shape)}): not a layout llama.quantize writes (int8 with (out,) scales, or int4 "
+        f"packed two per byte with (out, in / group_size, 2) scales and zeros, group_size one of {sorted(GROUP_SIZES)})"
+    )
+
+
+def _input_slices(args: ModelArgs, n_ranks: int) -> Dict[str, int]:
+    """Inputs of one rank's slice of each quantized tensor kind."""
+    shapes = _kind_shapes(args)
+    return {
+        kind: shapes[kind][1] // (n_ranks if SPLIT_DIM[kind] == 1 else 1)
+        for kind in shapes if is_quantized(kind)
+    }
+
+
+def int4_group_size(args: ModelArgs, n_ranks: int, preferred: int) -> int:
+    """The largest int4 group size up to ``preferred`` whose groups lie whole inside every rank's slice of an input dim."""
+    slices = _input_slices(args, n_ranks)
+    for group_size in GROUP_SIZES:
+        if group_size <= preferred and all(size % group_size == 0 for size in slices.values()):
+            if group_size != preferred:
+                logger.info("int4 groups of %d, not %d: on %d rank(s) the input slices are %s", group_size, preferred, n_ranks, slices)
+            return group_size
+    raise InputError(
+        f"int4 needs input dims in multiples of {min(GROUP_SIZES)} on each rank, but on model_parallel_size={n_ranks} "
+        f"the slices are {slices}; use quantize='int8' or another model_parallel_size"
+    )
+
+
+def check_quantized_split(args: ModelArgs, scheme: Optional[Scheme], n_ranks: int, source: str) -> None:
+    """Raise a ``CheckpointError`` if cutting int4 weights for ``n_ranks`` ranks would cut a group in two."""
+    if scheme is None or scheme.group_size is None:
+        return
+    cut = {kind: size for kind, size in _input_slices(args, n_ranks).items() if size % scheme.group_size}
+    if cut:
+        group_size = scheme.group_size
+        works = [n for n in model_parallel_sizes(args) if not any(size % group_size for size in _input_slices(args, n).values())]
+        raise CheckpointError(
+            f"{source} holds int4 weights in groups of {scheme.group_size} inputs, but model_parallel_size={n_ranks} "
+            f"would cut groups in two ({_some([f'{k} slices of {v}' for k, v in cut.items()])}); use model_parallel_size "
+            f"in {works}, or quantize the original checkpoint again with a smaller --group_size"
+        )
 
 
 def find_shards(ckpt_dir: Path) -> List[Path]:
@@ -160,10 +241,12 @@ def load_shard(path: Path) -> MappedShard:
 
 
 def check_shards(shards: Sequence[StateDict], paths: Sequence[Path], args: ModelArgs) -> None:
-    """Every shard holds exactly the model's tensors, each with the shape its shard layout gives."""
+    """Every shard holds exactly the model's tensors, each with the shape (and, if quantized, dtype) its layout gives."""
     check_no_shard_missing(shards, paths, args)  # first: 3 of 4 shards is a missing file, not a bad size
     check_model_parallel_size_of_checkpoint(args, len(shards), paths)
-    expected = full_shapes(args)
+    scheme = detect_scheme(shards[0], paths[0])
+    check_quantized_split(args, scheme, len(shards), str(paths[0].parent))
+    expected = full_shapes(args, scheme)
     for i, (shard, path) in enumerate(zip(shards, paths)):
         missing = [k for k in expected if k not in shard]
         unexpected = [k for k in shard if k not in expected]
@@ -175,13 +258,28 @@ def check_shards(shards: Sequence[StateDict], paths: Sequence[Path], args: Model
                 parts.append(f"unexpected {_some(unexpected)}")
             raise CheckpointError(f"{path} does not match params.json (n_layers={args.n_layers}): {'; '.join(parts)}")
         for key, full in expected.items():
-            want = shard_shape(key, args, len(shards), i, full)
+            want = shard_shape(key, args, len(shards), i, full, scheme)
             got = tuple(shard[key].shape)
             if got != want:
                 raise CheckpointError(
                     f"tensor {key} in {path} has shape {got}, expected {want} from params.json, "
-                    f"vocab_size={args.vocab_size} and {len(shards)} shard(s)"
+                    f"vocab_size={args.vocab_size} and {len(shards)} shard(s)" + (f" of {scheme.kind} weights" if scheme else "")
                 )
+            if scheme is not None:
+                _check_quantized_dtype(key, shard[key], scheme, path)
+
+
+def _check_quantized_dtype(key: str, tensor: torch.Tensor, scheme: Scheme, path: Path) -> None:
+    base, is_scale = (key[: -len(SCALE_SUFFIX)], True) if key.endswith(SCALE_SUFFIX) else (key, False)
+    if not is_quantized(base):
+        ok, want = tensor.is_floating_point(), "a float dtype"
+    elif is_scale:
+        ok, want = tensor.is_floating_point(), "a float dtype (the scales)"
+    else:
+        want_dtype = torch.int8 if scheme.kind == "int8" else torch.uint8
+        ok, want = tensor.dtype == want_dtype, f"{want_dtype} as the other {scheme.kind} weights of the checkpoint"
+    if not ok:
+        raise CheckpointError(f"tensor {key} in {path} has dtype {tensor.dtype}, expected {want}")
 
 
 def check_model_parallel_size_of_checkpoint(args: ModelArgs, n_shards: int, paths: Sequence[Path]) -> None:
@@ -216,15 +314,17 @@ def _some(keys: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def source_pieces(key: str, shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int) -> List[Tuple[int, torch.Tensor]]:
+def source_pieces(
+    key: str, shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int, scheme: Optional[Scheme] = None
+) -> List[Tuple[int, torch.Tensor]]:
     """(shard index, view) of each piece of rank ``rank``'s slice of ``key`` on ``n_ranks`` ranks, in order along the split dim."""
-    dim = SPLIT_DIM[_kind(key)]
+    dim = _stored_split(key, scheme)[1]
     if dim is None:
         return [(0, shards[0][key])]
-    start, stop = shard_range(key, args, n_ranks, rank)
+    start, stop = shard_range(key, args, n_ranks, rank, scheme)
     pieces, seen = [], set()
     for i, shard in enumerate(shards):
-        src_start, src_stop = shard_range(key, args, len(shards), i)
+        src_start, src_stop = shard_range(key, args, len(shards), i, scheme)
         if (src_start, src_stop) in seen:  # a replicated KV head: its first copy serves
             continue
         seen.add((src_start, src_stop))
@@ -237,21 +337,27 @@ def source_pieces(key: str, shards: Sequence[StateDict], args: ModelArgs, n_rank
 
 def state_dict_for_rank(
     shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int,
-    device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, convert: Optional[Convert] = None,
 ) -> StateDict:
     """The state dict of one rank out of n_ranks, in memory of its own: no tensor is a view of ``shards``.
 
-    Each tensor is copied (and converted) straight into its final buffer. The pages of a ``MappedShard``
-    are dropped from this process as soon as they are copied, so peak memory stays near one copy of the
-    rank's weights rather than the copy plus the file's mapped pages.
+    Each tensor is copied (float ones converted to ``dtype``) straight into its final buffer. The pages of a
+    ``MappedShard`` are dropped from this process as soon as they are copied, so peak memory stays near one copy of
+    the rank's weights rather than the copy plus the file's mapped pages. ``convert`` (a ``llama.quantize`` hook)
+    takes each tensor of a quantized kind, in the shards' dtype, as soon as it is copied and gives what to keep
+    instead: so a model is quantized one tensor at a time, never held whole in full precision.
     """
+    scheme = detect_scheme(shards[0])
     state = {}
-    for key, full in full_shapes(args).items():
-        pieces = source_pieces(key, shards, args, n_ranks, rank)
+    for key, full in full_shapes(args, scheme).items():
+        base, dim, _ = _stored_split(key, scheme)
+        converting = convert is not None and is_quantized(base)
+        pieces = source_pieces(key, shards, args, n_ranks, rank, scheme)
         first = pieces[0][1]
-        shape = shard_shape(key, args, n_ranks, rank, full)
-        out = torch.empty(shape, dtype=dtype or first.dtype, device=device or first.device)
-        dim, offset = SPLIT_DIM[_kind(key)], 0
+        shape = shard_shape(key, args, n_ranks, rank, full, scheme)
+        out_dtype = first.dtype if converting or not first.is_floating_point() else dtype or first.dtype
+        out = torch.empty(shape, dtype=out_dtype, device=device or first.device)
+        offset = 0
         for i, piece in pieces:
             if dim is None:
                 out.copy_(piece)
@@ -260,8 +366,24 @@ def state_dict_for_rank(
                 offset += piece.shape[dim]
             if isinstance(shards[i], MappedShard):
                 release_pages(piece)
-        state[key] = out
+        if not converting:
+            state[key] = out
+            continue
+        assert convert is not None
+        whole_rows = None
+        if scheme is None and dim == 1 and shape[1] < full[1]:  # the rank holds part of each row
+            whole_rows = functools.partial(_whole_pieces, key, shards, args)
+        state.update(convert(key, out, whole_rows))
+        del out
     return state
+
+
+def _whole_pieces(key: str, shards: Sequence[StateDict], args: ModelArgs) -> Iterator[torch.Tensor]:
+    """Views of the whole of ``key``, piece by piece along its split dim; each released once the next is asked for."""
+    for i, piece in source_pieces(key, shards, args, 1, 0):
+        yield piece
+        if isinstance(shards[i], MappedShard):
+            release_pages(piece)
 
 
 def release_pages(tensor: torch.Tensor) -> None:
@@ -301,14 +423,33 @@ def _madvise() -> Optional[Callable[[int, int, int], int]]:
 
 def load_checkpoint(
     ckpt_dir: Path, args: ModelArgs, n_ranks: int, rank: int,
-    device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
 ) -> StateDict:
-    """Read the shards of ckpt_dir (any count) and return rank's state dict for n_ranks model-parallel ranks."""
+    """Read the shards of ckpt_dir (any count) and return rank's state dict for n_ranks model-parallel ranks.
+
+    quantize ("int8", "int4"): quantize the linear weights as they load (a quantized checkpoint loads as it is
+    quantized whatever this says, unless it names another kind). Quantized weights come in the layout the layers
+    run (``llama.quantize``), their scales in ``dtype``.
+    """
     check_model_parallel_size(args, n_ranks)
     paths = find_shards(ckpt_dir)
     shards = [load_shard(p) for p in paths]
     check_shards(shards, paths, args)
-    return state_dict_for_rank(shards, args, n_ranks, rank, device, dtype)
+    stored = detect_scheme(shards[0], paths[0])
+    run_dtype = dtype or shards[0]["tok_embeddings.weight"].dtype
+    convert: Optional[Convert] = None
+    if stored is not None:
+        if quantize is not None and quantize != stored.kind:
+            raise InputError(
+                f"{ckpt_dir} holds {stored.kind} weights (written by llama.quantize), which cannot be loaded as "
+                f"quantize={quantize!r}; pass quantize=None or {stored.kind!r}, or quantize the original checkpoint"
+            )
+        check_quantized_split(args, stored, n_ranks, str(ckpt_dir))
+        convert = Loader(run_dtype)
+    elif quantize is not None:
+        group_size = int4_group_size(args, n_ranks, DEFAULT_GROUP_SIZE) if quantize == "int4" else None
+        convert = Quantizer(Scheme(quantize, group_size), run_dtype)
+    return state_dict_for_rank(shards, args, n_ranks, rank, device, dtype, convert)
 
 
 def infer_vocab_size(ckpt_dir: Path) -> int:
@@ -320,8 +461,12 @@ def infer_vocab_size(ckpt_dir: Path) -> int:
     return int(shard["tok_embeddings.weight"].shape[0])
 
 
-def write_shards(out_dir: Path, shards: Sequence[StateDict], args: ModelArgs, n_shards: int) -> List[Path]:
+def write_shards(
+    out_dir: Path, shards: Sequence[StateDict], args: ModelArgs, n_shards: int, convert: Optional[Convert] = None
+) -> List[Path]:
     """Write ``consolidated.NN.pth`` for n_shards ranks, cut from ``shards`` (any count), one file at a time.
+
+    ``convert``: a per-tensor hook of ``state_dict_for_rank`` (``llama.quantize`` quantizes through it).
 
     Each file is written under a temporary name and renamed over the old one, so a process reading or
     running from the old file keeps it whole. Then every other ``*.pth`` in out_dir is removed (with a
@@ -329,10 +474,11 @@ def write_shards(out_dir: Path, shards: Sequence[StateDict], args: ModelArgs, n_
     """
     n_shards = to_int("n_shards", n_shards, 1)
     check_model_parallel_size(args, n_shards)
+    check_quantized_split(args, detect_scheme(shards[0]), n_shards, "the checkpoint")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for rank in range(n_shards):
-        state = state_dict_for_rank(shards, args, n_shards, rank)
+        state = state_dict_for_rank(shards, args, n_shards, rank, convert=convert)
         path = out_dir / f"consolidated.{rank:02d}.pth"
         with atomic_write(path) as tmp:
             torch.save(state, tmp)

@@ -19,7 +19,7 @@ import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -321,39 +321,52 @@ def _host_id() -> str:
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over the active model-parallel group."""
-    # Shared memory first: set only for a group of several ranks, it is the decode path, where each check costs
-    # microseconds (caches are cold after a layer's weights stream through them); hence fields, not lookups.
     group = _active.group or _latest
-    shared_memory = group.shared_memory
-    if shared_memory is not None and shared_memory.fits(tensor):
-        return shared_memory.all_reduce(tensor)
-    if group.size == 1:
-        return tensor
-    dist.all_reduce(tensor, group=group.handle)
-    return tensor
+    return tensor if group.size == 1 else _outside_compiled_graphs(_all_reduce)(group, tensor)
 
 
 def all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """The active model-parallel group's tensors concatenated in rank order along dim."""
     group = _active.group or _latest
-    shared_memory = group.shared_memory
-    if shared_memory is not None and shared_memory.fits(tensor):  # first, as in all_reduce
-        return shared_memory.all_gather(tensor, dim)
-    if group.size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(group.size)]
-    dist.all_gather(parts, tensor.contiguous(), group=group.handle)
-    return torch.cat(parts, dim=dim)
+    return tensor if group.size == 1 else _outside_compiled_graphs(_all_gather)(group, tensor, dim)
 
 
 def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """Make every rank of the active model-parallel group use the tokens of its first rank, so ranks never drift apart."""
     group = _active.group or _latest
-    shared_memory = group.shared_memory
-    if shared_memory is not None and shared_memory.fits(tokens):  # first, as in all_reduce
-        return shared_memory.broadcast(tokens, src=0)
-    if group.size == 1:
-        return tokens
+    return tokens if group.size == 1 else _outside_compiled_graphs(_broadcast)(group, tokens)
+
+
+def _outside_compiled_graphs(collective: Callable) -> Callable:
+    """The collective as it is, or, while torch.compile traces, run eagerly between two graphs: it talks to other
+    processes (shared memory, sockets), which a graph cannot hold."""
+    return _run_eagerly[collective] if _is_compiling() else collective
+
+
+# Shared memory first in each: on the decode path each check costs microseconds (caches are cold after a layer's
+# weights stream through them); hence fields, not lookups.
+def _all_reduce(group: ModelParallelGroup, tensor: torch.Tensor) -> torch.Tensor:
+    if group.shared_memory is not None and group.shared_memory.fits(tensor):
+        return group.shared_memory.all_reduce(tensor)
+    dist.all_reduce(tensor, group=group.handle)
+    return tensor
+
+
+def _all_gather(group: ModelParallelGroup, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    if group.shared_memory is not None and group.shared_memory.fits(tensor):
+        return group.shared_memory.all_gather(tensor, dim)
+    parts = [torch.empty_like(tensor) for _ in range(group.size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group.handle)
+    return torch.cat(parts, dim=dim)
+
+
+def _broadcast(group: ModelParallelGroup, tokens: torch.Tensor) -> torch.Tensor:
+    if group.shared_memory is not None and group.shared_memory.fits(tokens):
+        return group.shared_memory.broadcast(tokens, src=0)
     group_tokens = tokens.to(_collective_device(tokens.device))
     dist.broadcast(group_tokens, src=group.ranks[0], group=group.handle)
     return group_tokens.to(tokens.device)
+
+
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+_run_eagerly = {collective: torch.compiler.disable(collective) for collective in (_all_reduce, _all_gather, _broadcast)}

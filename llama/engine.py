@@ -9,7 +9,7 @@ one forward per chunk, whatever their lengths; each step then advances every run
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, Optional, Sequence as Seq, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence as Seq, Tuple
 
 import torch
 
@@ -18,6 +18,23 @@ from llama.model import Transformer
 from llama.sampling import next_token, token_logprobs
 
 PREFILL_CHUNK = 512  # prompt positions per prefill forward: bounds activation and logits memory
+
+# (tokens (bsz, 1), positions (bsz,)) -> next-token logits (bsz, vocab): one decode step over the first bsz rows.
+DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def compile_decode_step(model: Transformer) -> DecodeStep:
+    """The decode step under ``torch.compile``: attention over the whole cache, masked per row, so that shapes
+    never change but the batch size, which is compiled as dynamic. On a CPU inductor freezes the weights
+    (constant-folded and prepacked), the fastest its GEMMs run.
+    """
+    max_seq_len = model.params.max_seq_len
+
+    def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return model.forward(tokens, positions, kv_len=max_seq_len)[:, -1]
+
+    options = {"freezing": True} if model.output.weight.device.type == "cpu" else None
+    return torch.compile(step, dynamic=True, options=options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +76,12 @@ class Sequence:
 class Engine:
     """Runs sequences on a model whose KV caches hold ``max_batch_size`` rows of ``max_seq_len`` positions."""
 
-    def __init__(self, model: Transformer, stop_ids: Iterable[int], generator: Optional[torch.Generator] = None) -> None:
+    def __init__(
+        self, model: Transformer, stop_ids: Iterable[int], generator: Optional[torch.Generator] = None, decode: Optional[DecodeStep] = None
+    ) -> None:
+        """``decode`` replaces the model's eager decode step (``compile_decode_step``)."""
         self.model = model
+        self.decode = decode
         self.stop_ids = frozenset(stop_ids)
         self.generator = generator
         self.device = model.output.weight.device
@@ -109,8 +130,11 @@ class Engine:
         batch = list(self.running)
         last = torch.tensor([[s.tokens[-1]] for s in batch], dtype=torch.long, device=self.device)  # (bsz, 1)
         positions = [len(s.tokens) - 1 for s in batch]
-        start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
-        logits = self.model.forward(last, start, kv_len=max(positions) + 1)[:, -1]  # (bsz, vocab)
+        if self.decode is not None:
+            logits = self.decode(last, self._index(positions))
+        else:  # eager: attention reads only the positions written so far
+            start = positions[0] if len(set(positions)) == 1 else self._index(positions)
+            logits = self.model.forward(last, start, kv_len=max(positions) + 1)[:, -1]  # (bsz, vocab)
         self._sample_and_append(batch, logits)
         return batch
 

@@ -28,6 +28,7 @@ from llama.checkpoint import infer_vocab_size, load_checkpoint
 from llama.errors import CheckpointError, InputError
 from llama.memory import check_fits
 from llama.model import Transformer
+from llama.quantize import check_kind
 from llama.tokenizer import Tokenizer
 from llama.validation import batch_of_token_lists, to_bool, to_float, to_int, to_list, to_token_ids
 
@@ -48,20 +49,27 @@ class Llama:
         *,
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
+        quantize: Optional[str] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a Meta-format checkpoint of any shard count onto this process's model-parallel rank.
 
         Works under torchrun or from a plain ``python`` process (a group of one). ``device`` defaults to
         ``cuda:LOCAL_RANK``, else ``mps``, else ``cpu``; ``dtype`` to the fastest the device computes well.
+        ``quantize`` ("int8", "int4") quantizes the linear weights as they load; a checkpoint written by
+        ``python -m llama.quantize`` loads quantized without it. ``compile`` runs the decode step through
+        ``torch.compile`` (compiled once, at the first generation; see the README for when it pays).
         """
         ckpt_dir, tokenizer_path = _path("ckpt_dir", ckpt_dir), _path("tokenizer_path", tokenizer_path)
         max_seq_len = to_int("max_seq_len", max_seq_len, 1)
         max_batch_size = to_int("max_batch_size", max_batch_size, 1)
         if model_parallel_size is not None:
             model_parallel_size = to_int("model_parallel_size", model_parallel_size, 1)
+        compile = to_bool("compile", compile)
         seed = to_int("seed", seed, -(2**63))
         if seed >= 2**64:
             raise InputError(f"seed must be below 2**64, got {seed}")
+        quantize = check_kind(quantize)
         start_time = time.time()
         run_device = devices.resolve_device(device)
         run_dtype = devices.resolve_dtype(dtype, run_device)
@@ -73,7 +81,7 @@ class Llama:
 
         error: Optional[BaseException] = None
         try:
-            model, tokenizer = _load(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, n_ranks, run_device, run_dtype)
+            model, tokenizer = _load(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, n_ranks, run_device, run_dtype, quantize)
         except Exception as e:  # every rank must learn of it, or the others wait for this one forever
             error = e
         distributed.raise_if_any_rank_failed(error, "loading the checkpoint", run_device)
@@ -82,12 +90,18 @@ class Llama:
         with distributed.peer_failures("setting up the model-parallel collectives"):
             group = distributed.setup_collectives(run_device, 4 * params.max_batch_size * max(params.dim, params.vocab_size // n_ranks))
         logger.info("loaded in %.2f seconds", time.time() - start_time)
-        return Llama(model, tokenizer, seed=seed, group=group)
+        return Llama(model, tokenizer, seed=seed, group=group, compile=compile)
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, seed: int = 1, group: Optional[distributed.ModelParallelGroup] = None
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        seed: int = 1,
+        group: Optional[distributed.ModelParallelGroup] = None,
+        compile: bool = False,
     ) -> None:
-        """``group`` defaults to the model-parallel group set up last; ``build`` passes the one it set up for this model."""
+        """``group`` defaults to the model-parallel group set up last; ``build`` passes the one it set up for this model.
+        ``compile`` runs decode steps through ``torch.compile`` (compiled at the first step)."""
         self.model = model
         # Each Llama keeps its group, so building another of a different model-parallel size leaves this one working.
         self.group = distributed.active_group() if group is None else group
@@ -97,6 +111,7 @@ class Llama:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # The KV caches and the generator are shared state: calls from several threads run one at a time.
         self._lock = threading.RLock()
+        self._decode = engine.compile_decode_step(model) if compile else None
 
     def generate(
         self,
@@ -140,7 +155,7 @@ class Llama:
         sampling = engine.Sampling(temperature, top_p, logprobs)
         sequences = [engine.Sequence(p, min(max_seq_len, len(p) + max_gen_len), sampling, score_prompt=logprobs and echo) for p in prompts]
         with distributed.peer_failures("generating"):
-            engine.Engine(self.model, {self.tokenizer.eos_id}, self.generator).run(sequences)
+            engine.Engine(self.model, {self.tokenizer.eos_id}, self.generator, self._decode).run(sequences)
         out_tokens = [s.tokens if echo else s.generated for s in sequences]
         out_logprobs = [s.logprobs if echo else s.logprobs[len(s.prompt) :] for s in sequences]
         return out_tokens, (out_logprobs if logprobs else None)
@@ -270,7 +285,8 @@ def _path(name: str, value: PathLike) -> Path:
 
 
 def _load(
-    ckpt_dir: Path, tokenizer_path: Path, max_seq_len: int, max_batch_size: int, n_ranks: int, device: torch.device, dtype: torch.dtype
+    ckpt_dir: Path, tokenizer_path: Path, max_seq_len: int, max_batch_size: int, n_ranks: int, device: torch.device, dtype: torch.dtype,
+    quantize: Optional[str] = None,
 ) -> Tuple[Transformer, Tokenizer]:
     """Tokenizer, params and this rank's weights, assigned into a model built on the meta device."""
     tokenizer = Tokenizer(tokenizer_path)
@@ -292,8 +308,9 @@ def _load(
             "the tokenizer does not belong to this checkpoint; pass the tokenizer.model that came with it"
         )
     check_model_parallel_size(args, n_ranks)
-    check_fits(args, n_ranks, dtype, device, source=str(params_path))
-    state_dict = load_checkpoint(ckpt_dir, args, n_ranks, distributed.model_parallel_rank(), device, dtype)
+    stored = (args.quantization_args or {}).get("scheme", "")  # the shards' tensors say how; this is for the estimate
+    check_fits(args, n_ranks, dtype, device, str(params_path), quantize or next((k for k in ("int8", "int4") if stored.startswith(k)), None))
+    state_dict = load_checkpoint(ckpt_dir, args, n_ranks, distributed.model_parallel_rank(), device, dtype, quantize)
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state_dict, assign=True, strict=True)

@@ -17,15 +17,20 @@ logger = logging.getLogger(__name__)
 GB = 1e9
 
 
-def weight_bytes(args: ModelArgs, n_ranks: int, dtype: torch.dtype) -> int:
+# Bytes per weight of the linear layers when quantized: int8 values; int4 values two to a byte plus a bf16 scale
+# and zero per group of 64 (the per-row int8 scale is negligible).
+QUANTIZED_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / 64}
+
+
+def weight_bytes(args: ModelArgs, n_ranks: int, dtype: torch.dtype, quantize: Optional[str] = None) -> int:
     """Bytes of one rank's share of the weights (norms are replicated; everything else is split)."""
     assert args.n_kv_heads is not None
     dim, hidden, vocab = args.dim, args.hidden_dim, max(args.vocab_size, 0)
     kv = args.n_kv_heads * args.head_dim
-    per_layer = 2 * dim * dim + 2 * kv * dim + 3 * hidden * dim
-    split = args.n_layers * per_layer + 2 * vocab * dim
+    linear = args.n_layers * (2 * dim * dim + 2 * kv * dim + 3 * hidden * dim) + vocab * dim  # the output is linear
+    linear_bytes = QUANTIZED_BYTES[quantize] if quantize else dtype.itemsize
     replicated = (2 * args.n_layers + 1) * dim
-    return (split // n_ranks + replicated) * dtype.itemsize
+    return int(linear * linear_bytes) // n_ranks + (vocab * dim // n_ranks + replicated) * dtype.itemsize
 
 
 def kv_cache_bytes(args: ModelArgs, n_ranks: int, dtype: torch.dtype) -> int:
@@ -76,7 +81,9 @@ def _cgroup_available() -> Optional[int]:
     return None
 
 
-def check_fits(args: ModelArgs, n_ranks: int, dtype: torch.dtype, device: torch.device, source: str = "params.json") -> None:
+def check_fits(
+    args: ModelArgs, n_ranks: int, dtype: torch.dtype, device: torch.device, source: str = "params.json", quantize: Optional[str] = None
+) -> None:
     """Raise before loading when this rank's weights and KV caches cannot fit in the device's free memory.
 
     On a CPU every model-parallel process of this host loads at once, so the host needs all their shares.
@@ -85,7 +92,7 @@ def check_fits(args: ModelArgs, n_ranks: int, dtype: torch.dtype, device: torch.
     if available is None:
         return
     ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if device.type == "cpu" else 1
-    weights = weight_bytes(args, n_ranks, dtype) * ranks_here
+    weights = weight_bytes(args, n_ranks, dtype, quantize) * ranks_here
     cache = kv_cache_bytes(args, n_ranks, dtype) * ranks_here
     where = f"{device} has {available / GB:.1f} GB free" + (f" for {ranks_here} processes" if ranks_here > 1 else "")
     if weights > available:

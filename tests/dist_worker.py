@@ -4,7 +4,7 @@ SPEC_JSON holds ``{"cases": [...], "fault": FAULT}`` (``fault`` optional). Each 
 in one process are part of what is tested) and generates; its keys are ``name``, ``ckpt_dir`` (or ``ckpt_dirs``, one
 per rank), ``prompts`` (or ``prompts_per_rank``), ``max_gen_len``, and optionally ``temperature`` (default 0; or
 ``temperature_per_rank``),
-``top_p``, ``seed`` plus ``seed_per_rank`` (added times the rank), ``model_parallel_size``, ``keep`` (a name to keep the
+``top_p``, ``seed`` plus ``seed_per_rank`` (added times the rank), ``model_parallel_size``, ``compile``, ``keep`` (a name to keep the
 Llama under), ``reuse`` (generate with the Llama kept under that name instead of building), ``fault`` (a FAULT for
 this case only), ``shm_reserve_fails_on_rank`` (that rank cannot reserve the shared-memory segment: ENOSPC) and
 ``expect_error`` (record the exception in the result and go on with the next case).
@@ -127,6 +127,7 @@ def run_case(case: Dict[str, Any], rank: int, kept: Dict[str, Llama], out_dir: P
             generator = Llama.build(
                 str(ckpt_dir), str(ckpt_dir / "tokenizer.model"), max_seq_len=64, max_batch_size=4,
                 model_parallel_size=case.get("model_parallel_size"), seed=seed, device="cpu", dtype=torch.float32,
+                compile=case.get("compile", False),
             )
         if "keep" in case:
             kept[case["keep"]] = generator

@@ -118,6 +118,7 @@ def on_two(checkpoints: Dict[int, Path], resharded: Path, tmp_path_factory: pyte
     cases.append({"name": "sampled", "ckpt_dir": str(checkpoints[2]), "prompts": PROMPTS, "seed": 1, "seed_per_rank": 1000, **SAMPLING})
     cases.append(greedy_case("resharded", resharded))
     cases.append({**greedy_case("long prompts", checkpoints[2]), "prompts": LONG_PROMPTS})
+    cases.append({**greedy_case("compiled", checkpoints[2]), "compile": True})
     cases.append(different_prompts_case(checkpoints[2]))
     # Rank 1 alone passes a temperature it refuses: it must not raise alone and leave rank 0 waiting in a collective.
     cases.append({**greedy_case("one rank's bad temperature", checkpoints[2]), "temperature_per_rank": [0.0, -1.0], "expect_error": True})
@@ -144,6 +145,14 @@ def test_k_shards_on_n_processes_equal_one_process_on_unsharded_weights(
     for report in reports:
         assert report["error"] is None
         assert_matches(report["results"][f"{k} shards"], reference)
+
+
+def test_compiled_decode_over_two_ranks_equals_one_process(on_two: List[Report], reference: Tuple[list, list]) -> None:
+    """torch.compile breaks its graph at each shared-memory collective; the tokens stay those of one process."""
+    for report in on_two:
+        result = report["results"]["compiled"]
+        assert result["transport"] == "shared memory"
+        assert_matches(result, reference)
 
 
 def test_collectives_go_through_shared_memory_on_one_host(on_two: List[Report], on_four: List[Report]) -> None:

@@ -139,3 +139,18 @@ def test_finish_reasons(generator: Llama, monkeypatch: pytest.MonkeyPatch) -> No
     full = Sequence(prompts[0], len(prompts[0]), GREEDY)  # no room to generate: finished without a forward
     Engine(generator.model, {0}).add(full)
     assert full.finish_reason == "length" and full.generated == []
+
+
+def test_compiled_decode_step_equals_eager(ckpt_dir: Path, generator: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One compilation serves every batch size (rows leave as they finish); tokens and logprobs equal eager decoding."""
+    compiled = build(ckpt_dir, compile=True)
+    prompts = encode(generator, PROMPTS)
+    free_run, _ = generator.generate(prompts, 10, temperature=0)
+    monkeypatch.setattr(generator.tokenizer, "eos_id", free_run[0][2])  # row 0 leaves early: the batch shrinks
+    monkeypatch.setattr(compiled.tokenizer, "eos_id", free_run[0][2])
+    want = generator.generate(prompts, 10, temperature=0, logprobs=True)
+    got = compiled.generate(prompts, 10, temperature=0, logprobs=True)
+    assert got[0] == want[0]
+    for g, w in zip(got[1], want[1]):
+        assert g == pytest.approx(w, abs=1e-4)
+    assert compiled.generate(prompts[:1], 10, temperature=0)[0] == generator.generate(prompts[:1], 10, temperature=0)[0]
