@@ -26,7 +26,7 @@ from llama.chat_format import (
 )
 from llama.checkpoint import infer_vocab_size, load_checkpoint
 from llama.errors import CheckpointError, InputError
-from llama.memory import check_fits
+from llama.memory import check_fits, reuse_freed_memory
 from llama.model import Transformer
 from llama.quantize import check_kind
 from llama.tokenizer import Tokenizer
@@ -85,6 +85,8 @@ class Llama:
         except Exception as e:  # every rank must learn of it, or the others wait for this one forever
             error = e
         distributed.raise_if_any_rank_failed(error, "loading the checkpoint", run_device)
+        if run_device.type == "cpu":
+            reuse_freed_memory()
         params = model.params
         # The largest decode-step tensor: a batch of float32 logits for this rank's share of the vocabulary.
         with distributed.peer_failures("setting up the model-parallel collectives"):
