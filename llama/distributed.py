@@ -321,38 +321,41 @@ def _host_id() -> str:
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over the active model-parallel group."""
-    group = _active.group or _latest
-    return tensor if group.size == 1 else _outside_compiled_graphs(_all_reduce)(group, tensor)
+    return _outside_compiled_graphs(_all_reduce)(tensor)
 
 
 def all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """The active model-parallel group's tensors concatenated in rank order along dim."""
-    group = _active.group or _latest
-    return tensor if group.size == 1 else _outside_compiled_graphs(_all_gather)(group, tensor, dim)
+    return _outside_compiled_graphs(_all_gather)(tensor, dim)
 
 
 def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """Make every rank of the active model-parallel group use the tokens of its first rank, so ranks never drift apart."""
-    group = _active.group or _latest
-    return tokens if group.size == 1 else _outside_compiled_graphs(_broadcast)(group, tokens)
+    return _outside_compiled_graphs(_broadcast)(tokens)
 
 
 def _outside_compiled_graphs(collective: Callable) -> Callable:
     """The collective as it is, or, while torch.compile traces, run eagerly between two graphs: it talks to other
-    processes (shared memory, sockets), which a graph cannot hold."""
+    processes (shared memory, sockets), which a graph cannot hold. (The model's layers skip it in a group of one.)"""
     return _run_eagerly[collective] if _is_compiling() else collective
 
 
 # Shared memory first in each: on the decode path each check costs microseconds (caches are cold after a layer's
 # weights stream through them); hence fields, not lookups.
-def _all_reduce(group: ModelParallelGroup, tensor: torch.Tensor) -> torch.Tensor:
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    group = _active.group or _latest
+    if group.size == 1:
+        return tensor
     if group.shared_memory is not None and group.shared_memory.fits(tensor):
         return group.shared_memory.all_reduce(tensor)
     dist.all_reduce(tensor, group=group.handle)
     return tensor
 
 
-def _all_gather(group: ModelParallelGroup, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+def _all_gather(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    group = _active.group or _latest
+    if group.size == 1:
+        return tensor
     if group.shared_memory is not None and group.shared_memory.fits(tensor):
         return group.shared_memory.all_gather(tensor, dim)
     parts = [torch.empty_like(tensor) for _ in range(group.size)]
@@ -360,7 +363,10 @@ def _all_gather(group: ModelParallelGroup, tensor: torch.Tensor, dim: int) -> to
     return torch.cat(parts, dim=dim)
 
 
-def _broadcast(group: ModelParallelGroup, tokens: torch.Tensor) -> torch.Tensor:
+def _broadcast(tokens: torch.Tensor) -> torch.Tensor:
+    group = _active.group or _latest
+    if group.size == 1:
+        return tokens
     if group.shared_memory is not None and group.shared_memory.fits(tokens):
         return group.shared_memory.broadcast(tokens, src=0)
     group_tokens = tokens.to(_collective_device(tokens.device))

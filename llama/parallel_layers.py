@@ -65,6 +65,7 @@ class ColumnParallelLinear(_QuantizableLinear, fs_layers.ColumnParallelLinear):
         self.out_features = out_features
         self.gather_output = gather_output
         self.output_size_per_partition = _local_size(out_features, "out_features")
+        self.split = get_model_parallel_world_size() > 1  # a group of one makes no collective (nor a graph break)
         self.weight = _meta_parameter(self.output_size_per_partition, in_features)
         self._init_scale()
         self.bias = None
@@ -72,7 +73,7 @@ class ColumnParallelLinear(_QuantizableLinear, fs_layers.ColumnParallelLinear):
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         output = self._linear(input_)
-        return distributed.all_gather(output) if self.gather_output else output
+        return distributed.all_gather(output) if self.gather_output and self.split else output
 
 
 class RowParallelLinear(_QuantizableLinear, fs_layers.RowParallelLinear):
@@ -84,13 +85,15 @@ class RowParallelLinear(_QuantizableLinear, fs_layers.RowParallelLinear):
         self.out_features = out_features
         self.input_is_parallel = True
         self.input_size_per_partition = _local_size(in_features, "in_features")
+        self.split = get_model_parallel_world_size() > 1
         self.weight = _meta_parameter(out_features, self.input_size_per_partition)
         self._init_scale()
         self.bias = None
         self.master_weight = None
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        return distributed.all_reduce(self._linear(input_))
+        output = self._linear(input_)
+        return distributed.all_reduce(output) if self.split else output
 
 
 class ParallelEmbedding(fs_layers.ParallelEmbedding):
@@ -107,7 +110,9 @@ class ParallelEmbedding(fs_layers.ParallelEmbedding):
         self.sparse = False
         self._weight = None
         self.embedding_dim_per_partition = _local_size(embedding_dim, "embedding_dim")
+        self.split = get_model_parallel_world_size() > 1
         self.weight = _meta_parameter(num_embeddings, self.embedding_dim_per_partition)
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        return distributed.all_gather(F.embedding(input_, self.weight))
+        output = F.embedding(input_, self.weight)
+        return distributed.all_gather(output) if self.split else output

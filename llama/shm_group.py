@@ -106,7 +106,10 @@ class SharedMemoryGroup:
                 self._views.clear()
             nbytes = like.numel() * like.element_size()
             start = self._header + (bank * self.world_size + rank) * self.slot_bytes
-            view = self._views[key] = self._bytes[start : start + nbytes].view(like.dtype).view(like.shape)
+            # Made outside inference mode whatever the caller's mode: a view made inside it could not be written
+            # by a later call from outside (the check that ranks got the same prompts runs there).
+            with torch.inference_mode(False):
+                view = self._views[key] = self._bytes[start : start + nbytes].view(like.dtype).view(like.shape)
         return view
 
     def _publish(self, tensor: torch.Tensor) -> int:

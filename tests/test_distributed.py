@@ -119,6 +119,9 @@ def on_two(checkpoints: Dict[int, Path], resharded: Path, tmp_path_factory: pyte
     cases.append(greedy_case("resharded", resharded))
     cases.append({**greedy_case("long prompts", checkpoints[2]), "prompts": LONG_PROMPTS})
     cases.append({**greedy_case("compiled", checkpoints[2]), "compile": True})
+    # One prompt, twice on one Llama: the token broadcast and the prompt check then share a shared-memory view.
+    cases.append({**greedy_case("one prompt", checkpoints[2]), "prompts": PROMPTS[:1], "keep": "single"})
+    cases.append({**greedy_case("one prompt again", checkpoints[2]), "prompts": PROMPTS[:1], "reuse": "single"})
     cases.append(different_prompts_case(checkpoints[2]))
     # Rank 1 alone passes a temperature it refuses: it must not raise alone and leave rank 0 waiting in a collective.
     cases.append({**greedy_case("one rank's bad temperature", checkpoints[2]), "temperature_per_rank": [0.0, -1.0], "expect_error": True})
@@ -153,6 +156,14 @@ def test_compiled_decode_over_two_ranks_equals_one_process(on_two: List[Report],
         result = report["results"]["compiled"]
         assert result["transport"] == "shared memory"
         assert_matches(result, reference)
+
+
+def test_one_llama_called_again_with_one_prompt_over_shared_memory(on_two: List[Report], reference: Tuple[list, list]) -> None:
+    """The second call once failed: a cached view made in inference mode was written from outside it."""
+    for report in on_two:
+        for case in ("one prompt", "one prompt again"):
+            assert report["results"][case]["transport"] == "shared memory"
+            assert_matches(report["results"][case], (reference[0][:1], reference[1][:1]))
 
 
 def test_collectives_go_through_shared_memory_on_one_host(on_two: List[Report], on_four: List[Report]) -> None:
