@@ -94,15 +94,11 @@ def word_tokenizer(vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def _permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta rotates adjacent feature pairs, transformers the two halves of each head: reorder the rows to match."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
-
-
 def _write_hf(folder: Path, args: Any, state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
     """``config.json`` and ``model.safetensors`` that ``LlamaForCausalLM.from_pretrained`` loads as it would any Llama."""
     from safetensors.torch import save_file
+
+    from llama.formats.hf import to_hf_state_dict
 
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -123,24 +119,7 @@ def _write_hf(folder: Path, args: Any, state: Mapping[str, torch.Tensor], dtype:
         "eos_token_id": EOS_ID,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    hf_state = {
-        "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
-        "lm_head.weight": state["output.weight"],
-    }
-    for i in range(args.n_layers):
-        meta, hf = f"layers.{i}.", f"model.layers.{i}."
-        hf_state.update({
-            hf + "self_attn.q_proj.weight": _permute_rotary(state[meta + "attention.wq.weight"], args.n_heads),
-            hf + "self_attn.k_proj.weight": _permute_rotary(state[meta + "attention.wk.weight"], args.n_kv_heads),
-            hf + "self_attn.v_proj.weight": state[meta + "attention.wv.weight"],
-            hf + "self_attn.o_proj.weight": state[meta + "attention.wo.weight"],
-            hf + "mlp.gate_proj.weight": state[meta + "feed_forward.w1.weight"],
-            hf + "mlp.down_proj.weight": state[meta + "feed_forward.w2.weight"],
-            hf + "mlp.up_proj.weight": state[meta + "feed_forward.w3.weight"],
-            hf + "input_layernorm.weight": state[meta + "attention_norm.weight"],
-            hf + "post_attention_layernorm.weight": state[meta + "ffn_norm.weight"],
-        })
+    hf_state = to_hf_state_dict(state, args)
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in hf_state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -141,7 +141,7 @@ def main() -> None:
     bandwidth = read_bandwidth(threads=2)
     per_token = weight_bytes_per_token(args, dtype)
 
-    print(f"\n| configuration | decode tokens/s (median) | min - max |\n| --- | --- | --- |")
+    print("\n| configuration | decode tokens/s (median) | min - max |\n| --- | --- | --- |")
     for name, values in results.items():
         print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f} - {max(values):.1f} |")
     tp, alone = (statistics.median(values) for values in results.values())

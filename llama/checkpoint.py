@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from llama.args import ModelArgs, check_model_parallel_size, local_head_counts, model_parallel_sizes
+from llama.args import ModelArgs, check_model_parallel_size, load_params, local_head_counts, model_parallel_sizes
 from llama.errors import CheckpointError, InputError
 from llama.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCALE_SUFFIX, Loader, Quantizer, Scheme, WholeRows, is_quantized
 from llama.validation import to_int
@@ -450,6 +450,20 @@ def load_checkpoint(
         group_size = int4_group_size(args, n_ranks, DEFAULT_GROUP_SIZE) if quantize == "int4" else None
         convert = Quantizer(Scheme(quantize, group_size), run_dtype)
     return state_dict_for_rank(shards, args, n_ranks, rank, device, dtype, convert)
+
+
+def read_checkpoint(ckpt_dir: Path) -> Tuple[dict, ModelArgs, List[Path], List[StateDict]]:
+    """A whole folder, for rewriting it: params.json, its ``ModelArgs`` (the vocabulary from the shards where
+    params.json says -1), the shard paths and the shards, checked against each other."""
+    params_path = ckpt_dir / "params.json"
+    params = load_params(params_path)
+    args = ModelArgs.from_params(params, source=str(params_path))
+    if args.vocab_size == -1:
+        args.vocab_size = infer_vocab_size(ckpt_dir)
+    paths = find_shards(ckpt_dir)
+    shards: List[StateDict] = [load_shard(p) for p in paths]
+    check_shards(shards, paths, args)
+    return params, args, paths, shards
 
 
 def infer_vocab_size(ckpt_dir: Path) -> int:

@@ -12,8 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from llama.args import ModelArgs, load_params
-from llama.checkpoint import atomic_write, check_shards, find_shards, infer_vocab_size, load_shard, write_shards
+from llama.checkpoint import atomic_write, read_checkpoint, write_shards
 from llama.cli import positive_int
 from llama.validation import to_int
 
@@ -25,14 +24,7 @@ def reshard(src_dir: Path, dst_dir: Path, model_parallel_size: int) -> list[Path
     model_parallel_size = to_int("model_parallel_size", model_parallel_size, 1)
     if src_dir.resolve() == dst_dir.resolve():
         raise ValueError(f"the destination {dst_dir} is the source folder; pick another one")
-    params_path = src_dir / "params.json"
-    params = load_params(params_path)
-    args = ModelArgs.from_params(params, source=str(params_path))
-    if args.vocab_size == -1:
-        args.vocab_size = infer_vocab_size(src_dir)
-    paths = find_shards(src_dir)
-    shards = [load_shard(p) for p in paths]
-    check_shards(shards, paths, args)
+    _, args, _, shards = read_checkpoint(src_dir)
     written = write_shards(dst_dir, shards, args, model_parallel_size)
     for name in ("params.json", "tokenizer.model"):
         if (src_dir / name).is_file():

@@ -16,18 +16,8 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from llama.args import ModelArgs, check_model_parallel_size, load_params
-from llama.checkpoint import (
-    atomic_write,
-    check_quantized_split,
-    check_shards,
-    detect_scheme,
-    find_shards,
-    infer_vocab_size,
-    int4_group_size,
-    load_shard,
-    write_shards,
-)
+from llama.args import check_model_parallel_size
+from llama.checkpoint import atomic_write, check_quantized_split, detect_scheme, int4_group_size, read_checkpoint, write_shards
 from llama.cli import positive_int
 from llama.errors import CheckpointError
 from llama.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, KINDS, Quantizer, Scheme
@@ -50,16 +40,9 @@ def quantize_checkpoint(
         raise ValueError(f"kind={kind!r} is not supported; use one of {KINDS}")
     if src_dir.resolve() == dst_dir.resolve():
         raise ValueError(f"the destination {dst_dir} is the source folder; pick another one")
-    params_path = src_dir / "params.json"
-    params = load_params(params_path)
+    params, args, paths, shards = read_checkpoint(src_dir)
     if PARAMS_FIELD in params:
-        raise CheckpointError(f"{params_path} has {PARAMS_FIELD}={params[PARAMS_FIELD]!r}: {src_dir} is quantized already")
-    args = ModelArgs.from_params(params, source=str(params_path))
-    if args.vocab_size == -1:
-        args.vocab_size = infer_vocab_size(src_dir)
-    paths = find_shards(src_dir)
-    shards = [load_shard(p) for p in paths]
-    check_shards(shards, paths, args)
+        raise CheckpointError(f"{src_dir / 'params.json'} has {PARAMS_FIELD}={params[PARAMS_FIELD]!r}: {src_dir} is quantized already")
     stored = detect_scheme(shards[0], paths[0])
     if stored is not None:
         raise CheckpointError(f"{src_dir} holds {stored.kind} weights already; quantize the original checkpoint")
