@@ -128,7 +128,8 @@ class Llama:
 
         Returns the generated tokens (with the prompt if echo) and, if logprobs, each token's log-probability
         (0.0 for the first token of an echoed prompt, which nothing predicts). More prompts than max_batch_size
-        run in consecutive batches. Calls from several threads run one at a time.
+        share the batch: a waiting prompt takes the row of one that finished. Calls from several threads run one
+        at a time.
         """
         prompt_tokens = _read_once(prompt_tokens)
         with self._call(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo):
