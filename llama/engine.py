@@ -199,10 +199,15 @@ class Engine:
 
     def _sample_and_append(self, batch: List[Sequence], logits: torch.Tensor) -> None:
         """Choose each row's next token (one draw per group of rows that sample alike), score it, and stop rows that end."""
-        chosen = torch.empty(len(batch), dtype=torch.long, device=self.device)
-        for sampling, index in _groups(batch):
-            rows = self._index(index)
-            chosen[rows] = next_token(logits[rows], sampling.temperature, sampling.top_p, self.generator)
+        groups = _groups(batch)
+        if len(groups) == 1:  # the usual case: every row samples alike, and no rows need gathering
+            sampling = groups[0][0]
+            chosen = next_token(logits, sampling.temperature, sampling.top_p, self.generator)
+        else:
+            chosen = torch.empty(len(batch), dtype=torch.long, device=self.device)
+            for sampling, index in groups:
+                rows = self._index(index)
+                chosen[rows] = next_token(logits[rows], sampling.temperature, sampling.top_p, self.generator)
         chosen = distributed.broadcast_tokens(chosen)
         scored = [i for i, s in enumerate(batch) if s.sampling.logprobs]
         scores: Dict[int, float] = {}

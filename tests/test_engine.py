@@ -154,3 +154,13 @@ def test_compiled_decode_step_equals_eager(ckpt_dir: Path, generator: Llama, mon
     for g, w in zip(got[1], want[1]):
         assert g == pytest.approx(w, abs=1e-4)
     assert compiled.generate(prompts[:1], 10, temperature=0)[0] == generator.generate(prompts[:1], 10, temperature=0)[0]
+
+
+def test_rows_that_sample_differently_share_a_batch(generator: Llama) -> None:
+    """A sampled row beside a greedy one: each group draws on its own, and the greedy row is unchanged."""
+    prompts = encode(generator, PROMPTS[:2])
+    greedy = Sequence(prompts[0], len(prompts[0]) + 8, GREEDY)
+    sampled = Sequence(prompts[1], len(prompts[1]) + 8, Sampling(temperature=1.0, top_p=0.9, logprobs=True))
+    Engine(generator.model, {generator.tokenizer.eos_id}, torch.Generator().manual_seed(0)).run([greedy, sampled])
+    assert greedy.generated == alone(generator, prompts[0], 8)[0]
+    assert len(sampled.logprobs) == len(sampled.tokens) and all(lp <= 0 for lp in sampled.logprobs)
