@@ -2,23 +2,16 @@
 
 One table (``SPLIT_DIM``) says how each Llama 2 tensor is split across model-parallel ranks; every
 shard's expected shape, and every rank's slice of the full tensor, follows from it. Loaded weights are
-copies, never views of the memory-mapped files, and files are written under a temporary name and renamed.
+copies, never views of the memory-mapped files (``llama.shard_files`` reads and writes the files).
 A checkpoint of quantized weights (``python -m llama.quantize``) says so by its tensors: beside each quantized
 weight it holds ``<key>_scale``, and its slices are cut from the same table, in the units ``llama.quantize`` stores.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import logging
-import mmap
-import os
-import pickle
 import re
-import secrets
-import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -26,6 +19,7 @@ import torch
 
 from llama.args import ModelArgs, check_model_parallel_size, load_params, local_head_counts, model_parallel_sizes
 from llama.errors import CheckpointError, InputError
+from llama.shard_files import SHARD_NAME, MappedShard, atomic_write, find_shards, load_shard, release_pages
 from llama.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCALE_SUFFIX, Loader, Quantizer, Scheme, WholeRows, is_quantized
 from llama.validation import to_int
 
@@ -34,13 +28,6 @@ logger = logging.getLogger(__name__)
 StateDict = Dict[str, torch.Tensor]
 # A per-tensor hook of state_dict_for_rank: (key, the rank's slice, whole_rows) -> the tensors to keep for key.
 Convert = Callable[[str, torch.Tensor, WholeRows], StateDict]
-
-
-class MappedShard(Dict[str, torch.Tensor]):
-    """A shard's tensors as ``load_shard`` returns them: views of the memory-mapped file.
-
-    Their pages are file-backed, so ``release_pages`` may drop them once copied: a later read maps them in again.
-    """
 
 
 # Dimension each tensor is split on across ranks (None: replicated), as fairscale's layers split them:
@@ -60,10 +47,7 @@ SPLIT_DIM: Dict[str, Optional[int]] = {
     "ffn_norm.weight": None,
 }
 KV_KEYS = ("attention.wk.weight", "attention.wv.weight")
-# Present in Meta's first Llama checkpoints; recomputed by the model, so skipped.
-IGNORED_KEYS = frozenset({"rope.freqs"})
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
-_SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 
 
 def _kind(key: str) -> str:
@@ -205,41 +189,6 @@ def check_quantized_split(args: ModelArgs, scheme: Optional[Scheme], n_ranks: in
         )
 
 
-def find_shards(ckpt_dir: Path) -> List[Path]:
-    """The ``*.pth`` shards of a checkpoint folder, sorted by name; a gap in Meta's numbering is an error."""
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {ckpt_dir} not found")
-    paths = sorted(ckpt_dir.glob("*.pth"))
-    if not paths:
-        raise FileNotFoundError(f"no checkpoint files (*.pth) found in {ckpt_dir}")
-    numbers = [int(m.group(1)) for m in map(_SHARD_NAME.fullmatch, (p.name for p in paths)) if m]
-    if len(numbers) == len(paths):
-        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
-        if missing:
-            names = ", ".join(f"consolidated.{i:02d}.pth" for i in missing)
-            raise FileNotFoundError(f"{ckpt_dir} holds {len(paths)} shard(s) but is missing {names}")
-    return paths
-
-
-def load_shard(path: Path) -> MappedShard:
-    """Memory-map one shard; only tensors and plain containers are unpickled, never code.
-
-    The tensors are views of the file: a file truncated while they live makes reading them a bus error,
-    so keep them only while copying out of them (``state_dict_for_rank``).
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint shard {path} not found") from None
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects other than tensors, which are not loaded (weights_only=True): {e}") from e
-    except (RuntimeError, OSError, EOFError) as e:
-        raise CheckpointError(f"{path} could not be read as a torch checkpoint (truncated, or not saved by torch.save?): {e}") from e
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise CheckpointError(f"{path} must hold a state dict mapping tensor names to tensors")
-    return MappedShard((k, v) for k, v in state.items() if k not in IGNORED_KEYS)
-
-
 def check_shards(shards: Sequence[StateDict], paths: Sequence[Path], args: ModelArgs) -> None:
     """Every shard holds exactly the model's tensors, each with the shape (and, if quantized, dtype) its layout gives."""
     check_no_shard_missing(shards, paths, args)  # first: 3 of 4 shards is a missing file, not a bad size
@@ -299,7 +248,7 @@ def check_no_shard_missing(shards: Sequence[StateDict], paths: Sequence[Path], a
         return  # check_shards names what is wrong with it
     written_for = args.dim // embedding.shape[1]  # tok_embeddings is split on dim 1
     if written_for > len(shards):
-        if all(_SHARD_NAME.fullmatch(p.name) for p in paths):
+        if all(SHARD_NAME.fullmatch(p.name) for p in paths):
             missing = ", ".join(f"consolidated.{i:02d}.pth" for i in range(len(shards), written_for))
         else:
             missing = f"{written_for - len(shards)} shard(s)"
@@ -386,41 +335,6 @@ def _whole_pieces(key: str, shards: Sequence[StateDict], args: ModelArgs) -> Ite
             release_pages(piece)
 
 
-def release_pages(tensor: torch.Tensor) -> None:
-    """Drop the whole pages under a memory-mapped tensor from this process (Linux; elsewhere a no-op).
-
-    The file is not touched and its pages stay in the page cache; they stop counting in this process's
-    resident memory, and a later read maps them in again. Only pages that lie wholly inside the tensor's
-    span are dropped, never one shared with a neighbouring tensor.
-    """
-    madvise = _madvise()
-    if madvise is None or tensor.numel() == 0:
-        return
-    span = (1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))) * tensor.element_size()
-    start = tensor.data_ptr()
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # round in: up at the start, down at the end
-    last = (start + span) // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first and madvise(first, last - first, _MADV_DONTNEED) != 0:
-        logger.debug("madvise(MADV_DONTNEED) failed with errno %d; the mapped pages stay resident", ctypes.get_errno())
-
-
-_MADV_DONTNEED = 4  # Linux's value; on other systems MADV_DONTNEED does not drop pages, so it is not used
-
-
-@functools.lru_cache(maxsize=None)
-def _madvise() -> Optional[Callable[[int, int, int], int]]:
-    """libc's madvise on Linux, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
-
-
 def load_checkpoint(
     ckpt_dir: Path, args: ModelArgs, n_ranks: int, rank: int,
     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
@@ -504,19 +418,3 @@ def write_shards(
     return paths
 
 
-@contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` to write; on success it is renamed over ``path``, on failure removed.
-
-    A reader sees the old file or the new one, never half of one; a process that has the old file open or
-    mapped keeps it whole (the rename gives ``path`` a new inode rather than rewriting the old one).
-    """
-    # Hidden, and not *.pth, so a folder being written never lists the temporary file as a shard.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
