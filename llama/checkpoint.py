@@ -346,9 +346,7 @@ def load_checkpoint(
     run (``llama.quantize``), their scales in ``dtype``.
     """
     check_model_parallel_size(args, n_ranks)
-    paths = find_shards(ckpt_dir)
-    shards = [load_shard(p) for p in paths]
-    check_shards(shards, paths, args)
+    paths, shards = _open_shards(ckpt_dir, args)
     stored = detect_scheme(shards[0], paths[0])
     run_dtype = dtype or shards[0]["tok_embeddings.weight"].dtype
     convert: Optional[Convert] = None
@@ -372,18 +370,27 @@ def read_checkpoint(ckpt_dir: Path) -> Tuple[dict, ModelArgs, List[Path], List[S
     params_path = ckpt_dir / "params.json"
     params = load_params(params_path)
     args = ModelArgs.from_params(params, source=str(params_path))
-    if args.vocab_size == -1:
-        args.vocab_size = infer_vocab_size(ckpt_dir)
+    paths, shards = _open_shards(ckpt_dir, args)
+    return params, args, paths, shards
+
+
+def _open_shards(ckpt_dir: Path, args: ModelArgs) -> Tuple[List[Path], List[StateDict]]:
+    """Every shard of ckpt_dir, mapped and checked against args (whose vocab_size -1 the first shard fills in)."""
     paths = find_shards(ckpt_dir)
     shards: List[StateDict] = [load_shard(p) for p in paths]
+    if args.vocab_size == -1:
+        args.vocab_size = _embedding_rows(shards[0], paths[0])
     check_shards(shards, paths, args)
-    return params, args, paths, shards
+    return paths, shards
 
 
 def infer_vocab_size(ckpt_dir: Path) -> int:
     """The vocabulary size a checkpoint was trained with (rows of ``tok_embeddings.weight``)."""
     path = find_shards(ckpt_dir)[0]
-    shard = load_shard(path)
+    return _embedding_rows(load_shard(path), path)
+
+
+def _embedding_rows(shard: StateDict, path: Path) -> int:
     if "tok_embeddings.weight" not in shard:
         raise CheckpointError(f"{path} has no tok_embeddings.weight to read the vocabulary size from")
     return int(shard["tok_embeddings.weight"].shape[0])

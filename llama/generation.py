@@ -28,7 +28,7 @@ from llama.checkpoint import infer_vocab_size, load_checkpoint
 from llama.errors import CheckpointError, InputError
 from llama.memory import check_fits, reuse_freed_memory
 from llama.model import Transformer
-from llama.quantize import check_kind
+from llama.quantize import check_kind, kind_in_params
 from llama.tokenizer import Tokenizer
 from llama.validation import batch_of_token_lists, to_bool, to_float, to_int, to_list, to_token_ids
 
@@ -196,7 +196,7 @@ class Llama:
         """Complete each prompt; max_gen_len defaults to max_seq_len - 1."""
         prompts = _read_once(prompts)
         with self._call(prompts, temperature, top_p, max_gen_len, logprobs, echo):
-            prompts = to_list("prompts", prompts)  # an iterator is read once, here
+            prompts = to_list("prompts", prompts)
             for i, prompt in enumerate(prompts):
                 if not isinstance(prompt, str):
                     raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}: {prompt!r:.80}")
@@ -311,8 +311,8 @@ def _load(
             "the tokenizer does not belong to this checkpoint; pass the tokenizer.model that came with it"
         )
     check_model_parallel_size(args, n_ranks)
-    stored = (args.quantization_args or {}).get("scheme", "")  # the shards' tensors say how; this is for the estimate
-    check_fits(args, n_ranks, dtype, device, str(params_path), quantize or next((k for k in ("int8", "int4") if stored.startswith(k)), None))
+    # The shards' tensors say how a checkpoint is quantized; params.json's field is enough for the memory estimate.
+    check_fits(args, n_ranks, dtype, device, str(params_path), quantize or kind_in_params(args.quantization_args))
     state_dict = load_checkpoint(ckpt_dir, args, n_ranks, distributed.model_parallel_rank(), device, dtype, quantize)
     with torch.device("meta"):
         model = Transformer(args)

@@ -93,6 +93,12 @@ def is_quantized(key: str) -> bool:
     return _LAYER_PREFIX.sub("", key, count=1) in QUANTIZED_KINDS
 
 
+def kind_in_params(quantization_args: Optional[dict]) -> Optional[str]:
+    """The kind ("int8", "int4") a ``params.json`` written by ``python -m llama.quantize`` names, else None."""
+    scheme = (quantization_args or {}).get("scheme")
+    return next((kind for kind, name in _PARAMS_SCHEMES.items() if name == scheme), None)
+
+
 def check_kind(quantize: object) -> Optional[str]:
     """``quantize`` as given to ``Llama.build``: None, "int8" or "int4"."""
     if quantize is None or (isinstance(quantize, str) and quantize in KINDS):
