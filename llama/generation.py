@@ -14,7 +14,6 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from llama import devices, distributed, engine
-from llama.args import ModelArgs, check_model_parallel_size, load_params
 from llama.chat_format import (
     UNSAFE_ERROR,
     ChatPrediction,
@@ -24,11 +23,11 @@ from llama.chat_format import (
     encode_dialog,
     has_special_tags,
 )
-from llama.checkpoint import infer_vocab_size, load_checkpoint
-from llama.errors import CheckpointError, InputError
-from llama.memory import check_fits, reuse_freed_memory
+from llama.errors import InputError
+from llama.loading import load_model
+from llama.memory import reuse_freed_memory
 from llama.model import Transformer
-from llama.quantize import check_kind, kind_in_params
+from llama.quantize import check_kind
 from llama.tokenizer import Tokenizer
 from llama.validation import batch_of_token_lists, to_bool, to_float, to_int, to_list, to_token_ids
 
@@ -81,7 +80,7 @@ class Llama:
 
         error: Optional[BaseException] = None
         try:
-            model, tokenizer = _load(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, n_ranks, run_device, run_dtype, quantize)
+            model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, n_ranks, run_device, run_dtype, quantize)
         except Exception as e:  # every rank must learn of it, or the others wait for this one forever
             error = e
         distributed.raise_if_any_rank_failed(error, "loading the checkpoint", run_device)
@@ -285,38 +284,3 @@ def _path(name: str, value: PathLike) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name} must be a path (str or pathlib.Path), got {type(value).__name__} {value!r:.80}")
     return Path(value)
-
-
-def _load(
-    ckpt_dir: Path, tokenizer_path: Path, max_seq_len: int, max_batch_size: int, n_ranks: int, device: torch.device, dtype: torch.dtype,
-    quantize: Optional[str] = None,
-) -> Tuple[Transformer, Tokenizer]:
-    """Tokenizer, params and this rank's weights, assigned into a model built on the meta device."""
-    tokenizer = Tokenizer(tokenizer_path)
-    params_path = ckpt_dir / "params.json"
-    params = load_params(params_path)
-    args = ModelArgs.from_params(params, source=str(params_path), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    if args.vocab_size == -1:  # Meta's Llama 2 params.json: the vocabulary is the tokenizer's
-        rows = infer_vocab_size(ckpt_dir)
-        if rows != tokenizer.n_words:
-            raise CheckpointError(
-                f"the tokenizer {tokenizer_path} has {tokenizer.n_words} words but the checkpoint {ckpt_dir} was trained with "
-                f"{rows} (rows of tok_embeddings.weight): the tokenizer does not belong to this checkpoint; "
-                "pass the tokenizer.model that came with it"
-            )
-        args.vocab_size = tokenizer.n_words
-    elif args.vocab_size != tokenizer.n_words:
-        raise CheckpointError(
-            f"{params_path} has vocab_size={args.vocab_size} but the tokenizer {tokenizer_path} has {tokenizer.n_words} words: "
-            "the tokenizer does not belong to this checkpoint; pass the tokenizer.model that came with it"
-        )
-    check_model_parallel_size(args, n_ranks)
-    # The shards' tensors say how a checkpoint is quantized; params.json's field is enough for the memory estimate.
-    check_fits(args, n_ranks, dtype, device, str(params_path), quantize or kind_in_params(args.quantization_args))
-    state_dict = load_checkpoint(ckpt_dir, args, n_ranks, distributed.model_parallel_rank(), device, dtype, quantize)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict(state_dict, assign=True, strict=True)
-    model.setup_caches(max_batch_size, max_seq_len, device=device, dtype=dtype)
-    model.eval()
-    return model, tokenizer

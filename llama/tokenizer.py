@@ -53,3 +53,8 @@ class Tokenizer:
 
     def decode(self, t: List[int]) -> str:
         return self.sp_model.decode(t)
+
+
+def load_tokenizer(path: Union[str, Path]) -> Tokenizer:
+    """The tokenizer in the file at path, its format read from the file's content."""
+    return Tokenizer(path)
