@@ -40,7 +40,7 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: PathLike,
-        tokenizer_path: PathLike,
+        tokenizer_path: Optional[PathLike],
         max_seq_len: int,
         max_batch_size: int,
         model_parallel_size: Optional[int] = None,
@@ -59,7 +59,8 @@ class Llama:
         ``python -m llama.quantize`` loads quantized without it. ``compile`` runs the decode step through
         ``torch.compile`` (compiled once, at the first generation; see the README for when it pays).
         """
-        ckpt_dir, tokenizer_path = _path("ckpt_dir", ckpt_dir), _path("tokenizer_path", tokenizer_path)
+        ckpt_dir = _path("ckpt_dir", ckpt_dir)
+        tokenizer_path = None if tokenizer_path is None else _path("tokenizer_path", tokenizer_path)
         max_seq_len = to_int("max_seq_len", max_seq_len, 1)
         max_batch_size = to_int("max_batch_size", max_batch_size, 1)
         if model_parallel_size is not None:

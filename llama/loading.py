@@ -18,10 +18,14 @@ from llama.tokenizer import Tokenizer, load_tokenizer
 
 
 def load_model(
-    ckpt_dir: Path, tokenizer_path: Path, max_seq_len: int, max_batch_size: int, n_ranks: int, device: torch.device, dtype: torch.dtype,
+    ckpt_dir: Path, tokenizer_path: Optional[Path], max_seq_len: int, max_batch_size: int, n_ranks: int, device: torch.device, dtype: torch.dtype,
     quantize: Optional[str] = None,
 ) -> Tuple[Transformer, Tokenizer]:
     """Tokenizer, params and this rank's weights, assigned into a model built on the meta device."""
+    if tokenizer_path is None:
+        tokenizer_path = ckpt_dir / "tokenizer.model"
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(f"no tokenizer_path was given and {ckpt_dir} holds no tokenizer.model: pass tokenizer_path")
     tokenizer = load_tokenizer(tokenizer_path)
     params_path = ckpt_dir / "params.json"
     params = load_params(params_path)
