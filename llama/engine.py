@@ -56,7 +56,10 @@ class Sequence:
     score_prompt: bool = False  # also score the prompt's tokens (echo with logprobs)
     tokens: List[int] = dataclasses.field(default_factory=list)  # the prompt, then each generated token
     logprobs: List[float] = dataclasses.field(default_factory=list)  # one per token when sampling.logprobs (0.0 unscored)
-    finish_reason: Optional[str] = None  # "stop" (a stop token, not kept in tokens) or "length"
+    # Called with the generated tokens after each new one: None to go on, or how many of them to keep and stop
+    # (a stop string in their text; llama.text_stream.TextStream is one).
+    stop_check: Optional[Callable[[List[int]], Optional[int]]] = None
+    finish_reason: Optional[str] = None  # "stop" (a stop token, not kept in tokens, or stop_check) or "length"
     row: int = -1  # its KV-cache row while it runs
 
     def __post_init__(self) -> None:
@@ -71,6 +74,11 @@ class Sequence:
     @property
     def generated(self) -> List[int]:
         return self.tokens[len(self.prompt) :]
+
+    def keep_generated(self, n: int) -> None:
+        """Drop all but the first n generated tokens (and their scores)."""
+        del self.tokens[len(self.prompt) + n :]
+        del self.logprobs[len(self.prompt) + n :]
 
 
 class Engine:
@@ -222,7 +230,11 @@ class Engine:
                 sequence.tokens.append(token)
                 if sequence.sampling.logprobs:
                     sequence.logprobs.append(scores[i])
-                if len(sequence.tokens) >= sequence.max_len:
+                keep = None if sequence.stop_check is None else sequence.stop_check(sequence.generated)
+                if keep is not None:
+                    sequence.keep_generated(keep)
+                    sequence.finish_reason = "stop"
+                elif len(sequence.tokens) >= sequence.max_len:
                     sequence.finish_reason = "length"
         for sequence in [s for s in batch if s.finished]:
             self._release(sequence)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -28,6 +29,7 @@ from llama.loading import load_model
 from llama.memory import reuse_freed_memory
 from llama.model import Transformer
 from llama.quantize import check_kind
+from llama.text_stream import StreamChunk, TextStream
 from llama.tokenizer import Tokenizer
 from llama.validation import batch_of_token_lists, to_bool, to_float, to_int, to_list, to_token_ids
 
@@ -124,7 +126,7 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
-        """Continue each prompt by up to max_gen_len tokens, stopping a row at EOS.
+        """Continue each prompt by up to max_gen_len tokens, stopping a row at a stop token (EOS).
 
         Returns the generated tokens (with the prompt if echo) and, if logprobs, each token's log-probability
         (0.0 for the first token of an echoed prompt, which nothing predicts). More prompts than max_batch_size
@@ -135,10 +137,11 @@ class Llama:
         with self._call(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo):
             batch = batch_of_token_lists("prompt_tokens", prompt_tokens)
             prompts = [to_token_ids(f"prompt_tokens[{i}]", p, self.model.vocab_size) for i, p in enumerate(batch)]
-            return self._generate(prompts, max_gen_len, temperature, top_p, logprobs, echo, lambda i: f"prompt_tokens[{i}]")
+            rows = self._rows(prompts, max_gen_len, temperature, top_p, logprobs, echo, lambda i: f"prompt_tokens[{i}]")
+            self._run_to_end(rows)
+            return [row.tokens for row in rows], ([row.logprobs for row in rows] if logprobs else None)
 
-    @torch.inference_mode()
-    def _generate(
+    def _rows(
         self,
         prompts: List[List[int]],
         max_gen_len: int,
@@ -147,31 +150,52 @@ class Llama:
         logprobs: bool,
         echo: bool,
         name: Callable[[int], str],
-    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
-        """``generate`` on checked token lists; ``name(i)`` says where prompt i came from, for errors."""
+        stop: object = None,
+        streaming: bool = False,
+    ) -> List["_Row"]:
+        """One row per checked prompt, ready to run; ``name(i)`` says where prompt i came from, for errors."""
         max_gen_len = to_int("max_gen_len", max_gen_len, 0)
         temperature = to_float("temperature", temperature, 0.0, hint=" (0 is greedy)")
         top_p = to_float("top_p", top_p, 0.0, 1.0, above_minimum=True)
         logprobs, echo = to_bool("logprobs", logprobs), to_bool("echo", echo)
+        stop_strings = _stop_strings(stop)
         self._check_prompt_lengths(prompts, name)
         max_seq_len = self.model.params.max_seq_len
         sampling = engine.Sampling(temperature, top_p, logprobs)
-        sequences = [engine.Sequence(p, min(max_seq_len, len(p) + max_gen_len), sampling, score_prompt=logprobs and echo) for p in prompts]
+        rows = []
+        for prompt in prompts:
+            sequence = engine.Sequence(prompt, min(max_seq_len, len(prompt) + max_gen_len), sampling, score_prompt=logprobs and echo)
+            stream = None
+            if stop_strings or streaming:  # text as it grows costs a decode per token: only when asked for
+                stream = TextStream(self.tokenizer.decode, stop_strings, context=prompt if echo else ())
+                sequence.stop_check = stream
+            rows.append(_Row(len(rows), sequence, stream, echo))
+        return rows
+
+    def _steps(self, rows: List["_Row"]) -> Iterator[List["_Row"]]:
+        """Run the rows on a fresh engine; after each step, the rows that got a token or finished."""
+        by_sequence = {id(row.sequence): row for row in rows}
+        runner = engine.Engine(self.model, {self.tokenizer.eos_id}, self.generator, self._decode)
         with distributed.peer_failures("generating"):
-            engine.Engine(self.model, {self.tokenizer.eos_id}, self.generator, self._decode).run(sequences)
-        out_tokens = [s.tokens if echo else s.generated for s in sequences]
-        out_logprobs = [s.logprobs if echo else s.logprobs[len(s.prompt) :] for s in sequences]
-        return out_tokens, (out_logprobs if logprobs else None)
+            for row in rows:
+                runner.add(row.sequence)
+            yield [row for row in rows if row.sequence.finished]
+            while runner.waiting or runner.running:
+                yield [by_sequence[id(sequence)] for sequence in runner.step()]
+        for row in rows:
+            row.finish()
 
-    @contextlib.contextmanager
-    def _call(self, *arguments: object) -> Iterator[None]:
-        """One call at a time on this object, on its model-parallel group, after every rank is seen to pass the same arguments.
+    def _run_to_end(self, rows: List["_Row"]) -> None:
+        for _ in self._steps(rows):
+            pass
 
-        Compared before any check, so that a value one rank alone refuses fails every rank at once, not only that one.
-        """
-        with self._lock, distributed.using(self.group):
-            distributed.check_same_inputs("prompts or sampling arguments", _fingerprint(arguments))
-            yield
+    def _stream(self, rows: List["_Row"], logprobs: bool) -> Iterator[StreamChunk]:
+        """Chunks of new text per row, as the steps make it."""
+        for stepped in self._steps(rows):
+            for row in stepped:
+                chunk = row.chunk(logprobs, self.tokenizer.decode)
+                if chunk is not None:
+                    yield chunk
 
     def _check_prompt_lengths(self, prompts: Sequence[Sequence[int]], name: Callable[[int], str]) -> None:
         max_seq_len = self.model.params.max_seq_len
@@ -184,6 +208,16 @@ class Llama:
                     "pass a larger max_seq_len to Llama.build or shorten the prompt"
                 )
 
+    @contextlib.contextmanager
+    def _call(self, *arguments: object) -> Iterator[None]:
+        """One call at a time on this object, on its model-parallel group, after every rank is seen to pass the same arguments.
+
+        Compared before any check, so that a value one rank alone refuses fails every rank at once, not only that one.
+        """
+        with self._lock, distributed.using(self.group):
+            distributed.check_same_inputs("prompts or sampling arguments", _fingerprint(arguments))
+            yield
+
     def text_completion(
         self,
         prompts: List[str],
@@ -192,27 +226,61 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        stop: Union[str, Sequence[str], None] = None,
     ) -> List[CompletionPrediction]:
-        """Complete each prompt; max_gen_len defaults to max_seq_len - 1."""
+        """Complete each prompt; max_gen_len defaults to max_seq_len - 1.
+
+        ``stop`` strings end a row where its text first holds one; the text ends before it, and the tokens and
+        logprobs are those wholly before it.
+        """
         prompts = _read_once(prompts)
-        with self._call(prompts, temperature, top_p, max_gen_len, logprobs, echo):
-            prompts = to_list("prompts", prompts)
-            for i, prompt in enumerate(prompts):
-                if not isinstance(prompt, str):
-                    raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}: {prompt!r:.80}")
-            if max_gen_len is None:
-                max_gen_len = self.model.params.max_seq_len - 1
-            prompt_tokens = [self._encode(f"prompts[{i}]", x) for i, x in enumerate(prompts)]
-            generation_tokens, generation_logprobs = self._generate(
-                prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, lambda i: f"prompts[{i}] (once encoded)"
-            )
-            if logprobs:
-                assert generation_logprobs is not None
-                return [
-                    {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
-                    for t, lp in zip(generation_tokens, generation_logprobs)
-                ]
-            return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+        with self._call(prompts, temperature, top_p, max_gen_len, logprobs, echo, stop):
+            rows = self._completion_rows(prompts, temperature, top_p, max_gen_len, logprobs, echo, stop)
+            self._run_to_end(rows)
+            predictions: List[CompletionPrediction] = []
+            for row in rows:
+                prediction: CompletionPrediction = {"generation": row.text(self.tokenizer.decode)}
+                if logprobs:
+                    prediction["tokens"] = [self.tokenizer.decode([x]) for x in row.tokens]
+                    prediction["logprobs"] = row.logprobs
+                predictions.append(prediction)
+            return predictions
+
+    def stream_text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        *,
+        stop: Union[str, Sequence[str], None] = None,
+    ) -> Iterator[StreamChunk]:
+        """``text_completion`` as it is generated: chunks of new text per prompt (see ``StreamChunk``).
+
+        A row's chunks joined are its ``text_completion`` generation. Arguments are checked at the first ``next``;
+        the object is busy until the iterator is exhausted or closed, and under torchrun every rank reads it alike.
+        """
+        prompts = _read_once(prompts)
+        with self._call(prompts, temperature, top_p, max_gen_len, logprobs, echo, stop):
+            rows = self._completion_rows(prompts, temperature, top_p, max_gen_len, logprobs, echo, stop, streaming=True)
+            yield from self._stream(rows, logprobs)
+
+    def _completion_rows(
+        self, prompts: object, temperature: float, top_p: float, max_gen_len: Optional[int], logprobs: bool, echo: bool, stop: object,
+        streaming: bool = False,
+    ) -> List["_Row"]:
+        prompts = to_list("prompts", prompts)
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}: {prompt!r:.80}")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self._encode(f"prompts[{i}]", x) for i, x in enumerate(prompts)]
+        name = lambda i: f"prompts[{i}] (once encoded)"  # noqa: E731
+        return self._rows(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, name, stop, streaming)
 
     def chat_completion(
         self,
@@ -221,44 +289,139 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        *,
+        stop: Union[str, Sequence[str], None] = None,
     ) -> List[ChatPrediction]:
         """Answer each dialog as the assistant, in Llama 2's chat format; max_gen_len defaults to max_seq_len - 1.
 
         A dialog that contains the format's own tags ([INST], <<SYS>>, ...) is not run and gets the reference's
-        refusal text.
+        refusal text. ``stop`` as in ``text_completion``.
         """
         dialogs = _read_once(dialogs)
-        with self._call(dialogs, temperature, top_p, max_gen_len, logprobs):
-            dialogs = to_list("dialogs", dialogs)
-            if dialogs and all(isinstance(m, dict) for m in dialogs):
-                raise TypeError("dialogs must be a list of dialogs, got a single dialog (a list of messages); wrap it in a list")
-            if max_gen_len is None:
-                max_gen_len = self.model.params.max_seq_len - 1
-            for i, dialog in enumerate(dialogs):
-                check_dialog(dialog, i)
-            unsafe = [has_special_tags(dialog) for dialog in dialogs]
-            safe = [i for i, bad in enumerate(unsafe) if not bad]
-            safe_prompts = [encode_dialog(dialogs[i], functools.partial(self._encode, f"dialogs[{i}]")) for i in safe]
-            generation_tokens, generation_logprobs = self._generate(
-                safe_prompts, max_gen_len, temperature, top_p, logprobs, False, lambda k: f"dialogs[{safe[k]}] (once encoded)"
-            )
-            answers = iter(zip(generation_tokens, generation_logprobs or [[]] * len(generation_tokens)))
+        with self._call(dialogs, temperature, top_p, max_gen_len, logprobs, stop):
+            rows = self._chat_rows(dialogs, temperature, top_p, max_gen_len, logprobs, stop)
+            self._run_to_end([row for row in rows if row is not None])
             predictions: List[ChatPrediction] = []
-            for bad in unsafe:
-                tokens, scores = ([], []) if bad else next(answers)
-                content = UNSAFE_ERROR if bad else self.tokenizer.decode(tokens)
+            for row in rows:
+                content = UNSAFE_ERROR if row is None else row.text(self.tokenizer.decode)
                 prediction: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
                 if logprobs:
-                    prediction["tokens"] = [self.tokenizer.decode([x]) for x in tokens]
-                    prediction["logprobs"] = scores
+                    prediction["tokens"] = [] if row is None else [self.tokenizer.decode([x]) for x in row.tokens]
+                    prediction["logprobs"] = [] if row is None else row.logprobs
                 predictions.append(prediction)
             return predictions
+
+    def stream_chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        *,
+        stop: Union[str, Sequence[str], None] = None,
+    ) -> Iterator[StreamChunk]:
+        """``chat_completion`` as it is generated: chunks of the assistant's new text per dialog, as in
+        ``stream_text_completion``. A refused dialog gets its refusal in one chunk."""
+        dialogs = _read_once(dialogs)
+        with self._call(dialogs, temperature, top_p, max_gen_len, logprobs, stop):
+            rows = self._chat_rows(dialogs, temperature, top_p, max_gen_len, logprobs, stop, streaming=True)
+            for i, row in enumerate(rows):
+                if row is None:
+                    yield {"index": i, "text": UNSAFE_ERROR, "finish_reason": "stop"}
+            yield from self._stream([row for row in rows if row is not None], logprobs)
+
+    def _chat_rows(
+        self, dialogs: object, temperature: float, top_p: float, max_gen_len: Optional[int], logprobs: bool, stop: object,
+        streaming: bool = False,
+    ) -> List[Optional["_Row"]]:
+        """A row per dialog, None for one the chat format refuses."""
+        dialogs = to_list("dialogs", dialogs)
+        if dialogs and all(isinstance(m, dict) for m in dialogs):
+            raise TypeError("dialogs must be a list of dialogs, got a single dialog (a list of messages); wrap it in a list")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        for i, dialog in enumerate(dialogs):
+            check_dialog(dialog, i)
+        safe = [i for i, dialog in enumerate(dialogs) if not has_special_tags(dialog)]
+        prompts = [encode_dialog(dialogs[i], functools.partial(self._encode, f"dialogs[{i}]")) for i in safe]
+        name = lambda k: f"dialogs[{safe[k]}] (once encoded)"  # noqa: E731
+        rows: List[Optional[_Row]] = [None] * len(dialogs)
+        for i, row in zip(safe, self._rows(prompts, max_gen_len, temperature, top_p, logprobs, False, name, stop, streaming)):
+            row.index = i
+            rows[i] = row
+        return rows
 
     def _encode(self, name: str, text: str, bos: bool = True, eos: bool = False) -> List[int]:
         try:
             return self.tokenizer.encode(text, bos=bos, eos=eos)
         except InputError as e:
             raise InputError(f"{name}: {e}") from None
+
+
+@dataclasses.dataclass
+class _Row:
+    """A sequence being generated for one prompt, with its text as it grows when streaming or stop strings need it."""
+
+    index: int  # of its prompt or dialog in the call
+    sequence: engine.Sequence
+    stream: Optional[TextStream]
+    echo: bool
+    prompt_sent: bool = False  # echo: the prompt went out with the first chunk
+
+    @property
+    def tokens(self) -> List[int]:
+        return self.sequence.tokens if self.echo else self.sequence.generated
+
+    @property
+    def logprobs(self) -> List[float]:
+        return self.sequence.logprobs if self.echo else self.sequence.logprobs[len(self.sequence.prompt) :]
+
+    def finish(self) -> None:
+        """After the last step: the stream's last text, and tokens cut to a stop string that only the end completed."""
+        if self.stream is not None and not self.stream.finished:
+            self.stream.finish()
+            if self.stream.stopped_at is not None and len(self.sequence.generated) > self.stream.stopped_at:
+                self.sequence.keep_generated(self.stream.stopped_at)
+                self.sequence.finish_reason = "stop"
+
+    def text(self, decode: Callable[[List[int]], str]) -> str:
+        """The generation's text: the tokens decoded, or the stream's text when a stop string cut it."""
+        if self.stream is None:
+            return decode(self.tokens)
+        return (decode(self.sequence.prompt) if self.echo else "") + self.stream.text
+
+    def chunk(self, logprobs: bool, decode: Callable[[List[int]], str]) -> Optional[StreamChunk]:
+        """The row's new text since its last chunk (the prompt first, with echo), or None when it has none and goes on."""
+        assert self.stream is not None
+        if self.sequence.finished:
+            self.finish()
+        prompt_len = len(self.sequence.prompt)
+        first = 0 if self.echo and not self.prompt_sent else prompt_len + self.stream.sent_tokens
+        text = (decode(self.sequence.prompt) if first == 0 else "") + self.stream.take()
+        finish_reason = self.sequence.finish_reason if self.stream.finished else None
+        if not text and finish_reason is None and first != 0:
+            return None
+        self.prompt_sent = True
+        chunk: StreamChunk = {"index": self.index, "text": text, "finish_reason": finish_reason}
+        if logprobs:
+            new = slice(first, prompt_len + self.stream.sent_tokens)
+            chunk["tokens"] = [decode([x]) for x in self.sequence.tokens[new]]
+            chunk["logprobs"] = self.sequence.logprobs[new]
+        return chunk
+
+
+def _stop_strings(stop: object) -> List[str]:
+    """``stop`` as a list of non-empty strings (None: none; one string: itself)."""
+    if stop is None:
+        return []
+    strings = [stop] if isinstance(stop, str) else to_list("stop", stop)
+    for i, s in enumerate(strings):
+        if not isinstance(s, str):
+            raise TypeError(f"stop[{i}] must be a str, got {type(s).__name__}: {s!r:.80}")
+        if not s:
+            raise InputError(f"stop[{i}] is an empty string, which would stop every row at once; remove it")
+    return strings
 
 
 def _read_once(value: object) -> object:
