@@ -15,6 +15,16 @@ from llama.validation import to_float, to_int
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's RoPE frequency scaling (transformers' rope_type "llama3"): long wavelengths divided by ``factor``."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_seq_len: int
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -26,6 +36,14 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama 3.1's RoPE scaling (Meta's llama-models names); None: Meta's constants, factor 8, high-frequency factor 4,
+    # low-frequency factor 1 over an original context of 8192 (Llama 3.2 1B/3B scale by 32).
+    use_scaled_rope: bool = False
+    rope_scaling_factor: Optional[float] = None
+    rope_high_freq_factor: Optional[float] = None
+    rope_low_freq_factor: Optional[float] = None
+    rope_original_max_seq_len: Optional[int] = None
+    ffn_hidden_dim: Optional[int] = None  # the SwiGLU hidden size as given (HF's intermediate_size); None: Meta's formula
     quantization_args: Optional[dict] = None  # written by llama.quantize (Meta's llama-models name)
 
     max_batch_size: int = 32
@@ -43,6 +61,19 @@ class ModelArgs:
             self.ffn_dim_multiplier = to_float("ffn_dim_multiplier", self.ffn_dim_multiplier, 0, above_minimum=True, error=CheckpointError)
         self.norm_eps = to_float("norm_eps", self.norm_eps, 0, above_minimum=True, error=CheckpointError)
         self.rope_theta = to_float("rope_theta", self.rope_theta, 0, above_minimum=True, error=CheckpointError)
+        if not isinstance(self.use_scaled_rope, bool):
+            raise CheckpointError(f"use_scaled_rope must be true or false, got {self.use_scaled_rope!r}")
+        for name in ("rope_scaling_factor", "rope_high_freq_factor", "rope_low_freq_factor"):
+            if getattr(self, name) is not None:
+                setattr(self, name, to_float(name, getattr(self, name), 0, above_minimum=True, error=CheckpointError))
+        for name in ("rope_original_max_seq_len", "ffn_hidden_dim"):
+            if getattr(self, name) is not None:
+                setattr(self, name, to_int(name, getattr(self, name), 1, error=CheckpointError))
+        scaling = self.rope_scaling
+        if scaling is not None and scaling.high_freq_factor <= scaling.low_freq_factor:
+            raise CheckpointError(
+                f"rope_high_freq_factor={scaling.high_freq_factor} must exceed rope_low_freq_factor={scaling.low_freq_factor}"
+            )
         if self.dim % self.n_heads:
             raise CheckpointError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -55,8 +86,22 @@ class ModelArgs:
         return self.dim // self.n_heads
 
     @property
+    def rope_scaling(self) -> Optional[RopeScaling]:
+        """Llama 3.1's frequency scaling of RoPE, or None where ``use_scaled_rope`` is off."""
+        if not self.use_scaled_rope:
+            return None
+        return RopeScaling(
+            factor=8.0 if self.rope_scaling_factor is None else self.rope_scaling_factor,
+            low_freq_factor=1.0 if self.rope_low_freq_factor is None else self.rope_low_freq_factor,
+            high_freq_factor=4.0 if self.rope_high_freq_factor is None else self.rope_high_freq_factor,
+            original_max_seq_len=8192 if self.rope_original_max_seq_len is None else self.rope_original_max_seq_len,
+        )
+
+    @property
     def hidden_dim(self) -> int:
-        """SwiGLU hidden size, computed exactly as Meta's ``FeedForward`` does."""
+        """SwiGLU hidden size: ``ffn_hidden_dim`` if given, else computed exactly as Meta's ``FeedForward`` does."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)

@@ -1,7 +1,9 @@
 """Meta-format checkpoints: finding shards, loading them safely, and cutting any shard layout into any other.
 
-One table (``SPLIT_DIM``) says how each Llama 2 tensor is split across model-parallel ranks; every
-shard's expected shape, and every rank's slice of the full tensor, follows from it. Loaded weights are
+One table (``SPLIT_DIM``) says how each tensor is split across model-parallel ranks; every shard's expected shape,
+and every rank's slice of the full tensor, follows from it. The token embedding is the one tensor whose split differs
+between families: Llama 2's shards cut it on the embedding dim (as the model here holds it on every rank), Llama 3's
+by vocabulary; a folder's layout is read from its shards' shapes, and any layout is cut into any other. Loaded weights are
 copies, never views of the memory-mapped files (``llama.shard_files`` reads and writes the files).
 A checkpoint of quantized weights (``python -m llama.quantize``) says so by its tensors: beside each quantized
 weight it holds ``<key>_scale``, and its slices are cut from the same table, in the units ``llama.quantize`` stores.
@@ -13,7 +15,7 @@ import functools
 import logging
 import re
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,6 +49,11 @@ SPLIT_DIM: Dict[str, Optional[int]] = {
     "ffn_norm.weight": None,
 }
 KV_KEYS = ("attention.wk.weight", "attention.wv.weight")
+EMBEDDING = "tok_embeddings.weight"
+# How tok_embeddings.weight is split: on the embedding dim (Llama 2, CodeLlama: fairscale's ParallelEmbedding, and the
+# model here on every rank), or by vocabulary (Llama 3: VocabParallelEmbedding).
+DIM_SPLIT, VOCAB_SPLIT = 1, 0
+LLAMA3_VOCAB_SIZE = 128256  # tiktoken's 128000 words and 256 special tokens: Meta's tools split this vocabulary
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 
 
@@ -77,12 +84,12 @@ def _kind_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     }
 
 
-def _stored_split(key: str, scheme: Optional[Scheme]) -> Tuple[str, Optional[int], int]:
+def _stored_split(key: str, scheme: Optional[Scheme], embedding_split: int = DIM_SPLIT) -> Tuple[str, Optional[int], int]:
     """(model tensor that ``key`` stores, the dim it is split on across ranks or None, elements of the model tensor
     that one stored element covers along that dim): a quantized checkpoint packs and groups along the input dim."""
     is_scale = scheme is not None and key.endswith(SCALE_SUFFIX)
     base = key[: -len(SCALE_SUFFIX)] if is_scale else key
-    dim = SPLIT_DIM[_kind(base)]
+    dim = embedding_split if base == EMBEDDING else SPLIT_DIM[_kind(base)]
     if scheme is None or dim is None or not is_quantized(base):
         return base, dim, 1
     step = scheme.step(is_scale, dim)
@@ -105,12 +112,14 @@ def full_shapes(args: ModelArgs, scheme: Optional[Scheme] = None) -> Dict[str, T
     return stored
 
 
-def shard_range(key: str, args: ModelArgs, n_shards: int, shard: int, scheme: Optional[Scheme] = None) -> Tuple[int, int]:
+def shard_range(
+    key: str, args: ModelArgs, n_shards: int, shard: int, scheme: Optional[Scheme] = None, embedding_split: int = DIM_SPLIT
+) -> Tuple[int, int]:
     """[start, stop) of the full (stored) tensor, along its split dim, that shard ``shard`` of ``n_shards`` holds.
 
     Past ``n_kv_heads`` shards, each shard holds a copy of the one KV head its query heads use.
     """
-    base, dim, step = _stored_split(key, scheme)
+    base, dim, step = _stored_split(key, scheme, embedding_split)
     kind = _kind(base)
     assert dim is not None, f"{key} is replicated"
     if kind in KV_KEYS:
@@ -124,13 +133,30 @@ def shard_range(key: str, args: ModelArgs, n_shards: int, shard: int, scheme: Op
 
 
 def shard_shape(
-    key: str, args: ModelArgs, n_shards: int, shard: int, full: Tuple[int, ...], scheme: Optional[Scheme] = None
+    key: str, args: ModelArgs, n_shards: int, shard: int, full: Tuple[int, ...], scheme: Optional[Scheme] = None,
+    embedding_split: int = DIM_SPLIT,
 ) -> Tuple[int, ...]:
-    dim = _stored_split(key, scheme)[1]
+    dim = _stored_split(key, scheme, embedding_split)[1]
     if dim is None:
         return full
-    start, stop = shard_range(key, args, n_shards, shard, scheme)
+    start, stop = shard_range(key, args, n_shards, shard, scheme, embedding_split)
     return full[:dim] + (stop - start,) + full[dim + 1 :]
+
+
+def embedding_split_of(shards: Sequence[StateDict], args: ModelArgs) -> Optional[int]:
+    """How ``shards`` cut tok_embeddings.weight (``DIM_SPLIT`` or ``VOCAB_SPLIT``), read from the first one's width;
+    None for a single shard, which is both."""
+    if len(shards) == 1:
+        return None
+    embedding = shards[0].get(EMBEDDING)
+    if embedding is not None and embedding.dim() == 2 and embedding.shape[1] == args.dim:
+        return VOCAB_SPLIT
+    return DIM_SPLIT  # or a bad shape, which check_shards names against this layout
+
+
+def default_embedding_split(args: ModelArgs) -> int:
+    """The split Meta's code for this model writes: by vocabulary for Llama 3's vocabulary, else on the embedding dim."""
+    return VOCAB_SPLIT if args.vocab_size >= LLAMA3_VOCAB_SIZE else DIM_SPLIT
 
 
 def detect_scheme(shard: StateDict, path: Optional[Path] = None) -> Optional[Scheme]:
@@ -196,6 +222,8 @@ def check_shards(shards: Sequence[StateDict], paths: Sequence[Path], args: Model
     scheme = detect_scheme(shards[0], paths[0])
     check_quantized_split(args, scheme, len(shards), str(paths[0].parent))
     expected = full_shapes(args, scheme)
+    found = embedding_split_of(shards, args)
+    embedding_split = DIM_SPLIT if found is None else found  # one shard: either reads the same
     for i, (shard, path) in enumerate(zip(shards, paths)):
         missing = [k for k in expected if k not in shard]
         unexpected = [k for k in shard if k not in expected]
@@ -207,12 +235,14 @@ def check_shards(shards: Sequence[StateDict], paths: Sequence[Path], args: Model
                 parts.append(f"unexpected {_some(unexpected)}")
             raise CheckpointError(f"{path} does not match params.json (n_layers={args.n_layers}): {'; '.join(parts)}")
         for key, full in expected.items():
-            want = shard_shape(key, args, len(shards), i, full, scheme)
+            want = shard_shape(key, args, len(shards), i, full, scheme, embedding_split)
             got = tuple(shard[key].shape)
             if got != want:
+                layout = "" if len(shards) == 1 else f" split {'by vocabulary' if embedding_split == VOCAB_SPLIT else 'on the embedding dim'}"
                 raise CheckpointError(
                     f"tensor {key} in {path} has shape {got}, expected {want} from params.json, "
                     f"vocab_size={args.vocab_size} and {len(shards)} shard(s)" + (f" of {scheme.kind} weights" if scheme else "")
+                    + (layout if key == EMBEDDING else "")
                 )
             if scheme is not None:
                 _check_quantized_dtype(key, shard[key], scheme, path)
@@ -243,17 +273,23 @@ def check_no_shard_missing(shards: Sequence[StateDict], paths: Sequence[Path], a
 
     ``find_shards`` sees gaps in the numbering; this sees missing last shards (an interrupted download or copy).
     """
-    embedding = shards[0].get("tok_embeddings.weight")
-    if embedding is None or embedding.dim() != 2 or embedding.shape[1] == 0 or args.dim % embedding.shape[1]:
+    embedding = shards[0].get(EMBEDDING)
+    if embedding is None or embedding.dim() != 2 or 0 in embedding.shape:
         return  # check_shards names what is wrong with it
-    written_for = args.dim // embedding.shape[1]  # tok_embeddings is split on dim 1
+    rows, width = embedding.shape
+    if width < args.dim and args.dim % width == 0:  # split on the embedding dim (Llama 2)
+        written_for, how = args.dim // width, f"its {EMBEDDING} is {width} of dim={args.dim} wide"
+    elif width == args.dim and 0 < rows < args.vocab_size and args.vocab_size % rows == 0:  # by vocabulary (Llama 3)
+        written_for, how = args.vocab_size // rows, f"its {EMBEDDING} holds {rows} of vocab_size={args.vocab_size} rows"
+    else:
+        return
     if written_for > len(shards):
         if all(SHARD_NAME.fullmatch(p.name) for p in paths):
             missing = ", ".join(f"consolidated.{i:02d}.pth" for i in range(len(shards), written_for))
         else:
             missing = f"{written_for - len(shards)} shard(s)"
         raise FileNotFoundError(
-            f"{paths[0]} is one of {written_for} shards (its tok_embeddings.weight is {embedding.shape[1]} of dim={args.dim} wide) "
+            f"{paths[0]} is one of {written_for} shards ({how}) "
             f"but {paths[0].parent} holds {len(shards)}: missing {missing}"
         )
 
@@ -263,56 +299,81 @@ def _some(keys: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+Piece = Tuple[int, torch.Tensor, Optional[int], int]
+
+
 def source_pieces(
-    key: str, shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int, scheme: Optional[Scheme] = None
-) -> List[Tuple[int, torch.Tensor]]:
-    """(shard index, view) of each piece of rank ``rank``'s slice of ``key`` on ``n_ranks`` ranks, in order along the split dim."""
-    dim = _stored_split(key, scheme)[1]
+    key: str, shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int, scheme: Optional[Scheme] = None,
+    embedding_split: int = DIM_SPLIT, source_split: Optional[int] = None,
+) -> List[Piece]:
+    """(shard index, view, dim, offset) of each piece of rank ``rank``'s slice of ``key`` on ``n_ranks`` ranks: the view
+    fills the slice from ``offset`` along ``dim`` (None: the whole slice).
+
+    ``embedding_split``: how the ranks cut tok_embeddings.weight; ``source_split``: how ``shards`` do (None: read it
+    from them). Where the two differ, each shard gives its block of the rank's columns, stacked along the shards' dim.
+    """
+    dim = _stored_split(key, scheme, embedding_split)[1]
     if dim is None:
-        return [(0, shards[0][key])]
-    start, stop = shard_range(key, args, n_ranks, rank, scheme)
-    pieces, seen = [], set()
+        return [(0, shards[0][key].narrow(0, 0, shards[0][key].shape[0]), None, 0)]
+    start, stop = shard_range(key, args, n_ranks, rank, scheme, embedding_split)
+    if source_split is None:
+        source_split = embedding_split_of(shards, args)
+    src_split = embedding_split if source_split is None or len(shards) == 1 else source_split
+    src_dim = _stored_split(key, scheme, src_split)[1]
+    assert src_dim is not None, f"{key}: split for the ranks but replicated in the shards"
+    pieces: List[Piece] = []
+    seen = set()
     for i, shard in enumerate(shards):
-        src_start, src_stop = shard_range(key, args, len(shards), i, scheme)
+        src_start, src_stop = shard_range(key, args, len(shards), i, scheme, src_split)
         if (src_start, src_stop) in seen:  # a replicated KV head: its first copy serves
             continue
         seen.add((src_start, src_stop))
+        if src_dim != dim:  # the shard holds every column of the rank's slice: its rows go at its own offset
+            pieces.append((i, shard[key].narrow(dim, start, stop - start), src_dim, src_start))
+            continue
         lo, hi = max(start, src_start), min(stop, src_stop)
         if lo < hi:
-            pieces.append((i, shard[key].narrow(dim, lo - src_start, hi - lo)))
-    assert sum(p.shape[dim] for _, p in pieces) == stop - start, f"{key}: shards do not cover [{start}, {stop})"
+            pieces.append((i, shard[key].narrow(dim, lo - src_start, hi - lo), dim, lo - start))
+    covered = sum(p.shape[d] for _, p, d, _ in pieces)
+    assert covered == (stop - start if src_dim == dim else _kind_shapes(args)[_kind(key)][src_dim]), f"{key}: shards do not cover rank {rank}'s slice"
     return pieces
 
 
 def state_dict_for_rank(
     shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int,
     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, convert: Optional[Convert] = None,
+    embedding_split: int = DIM_SPLIT, keys: Optional[Collection[str]] = None,
 ) -> StateDict:
     """The state dict of one rank out of n_ranks, in memory of its own: no tensor is a view of ``shards``.
+
+    ``embedding_split``: how the rank holds tok_embeddings.weight (the model runs ``DIM_SPLIT``; ``write_shards`` may
+    write Llama 3's ``VOCAB_SPLIT``), whatever layout ``shards`` have.
 
     Each tensor is copied (float ones converted to ``dtype``) straight into its final buffer. The pages of a
     ``MappedShard`` are dropped from this process as soon as they are copied, so peak memory stays near one copy of
     the rank's weights rather than the copy plus the file's mapped pages. ``convert`` (a ``llama.quantize`` hook)
     takes each tensor of a quantized kind, in the shards' dtype, as soon as it is copied and gives what to keep
     instead: so a model is quantized one tensor at a time, never held whole in full precision.
+    ``keys``: only these tensors (a converter asks for one at a time).
     """
     scheme = detect_scheme(shards[0])
+    source_split = embedding_split_of(shards, args)
     state = {}
     for key, full in full_shapes(args, scheme).items():
-        base, dim, _ = _stored_split(key, scheme)
+        if keys is not None and key not in keys:
+            continue
+        base, dim, _ = _stored_split(key, scheme, embedding_split)
         converting = convert is not None and is_quantized(base)
-        pieces = source_pieces(key, shards, args, n_ranks, rank, scheme)
+        pieces = source_pieces(key, shards, args, n_ranks, rank, scheme, embedding_split, source_split)
         first = pieces[0][1]
-        shape = shard_shape(key, args, n_ranks, rank, full, scheme)
+        shape = shard_shape(key, args, n_ranks, rank, full, scheme, embedding_split)
         out_dtype = first.dtype if converting or not first.is_floating_point() else dtype or first.dtype
         out = torch.empty(shape, dtype=out_dtype, device=device or first.device)
-        offset = 0
-        for i, piece in pieces:
-            if dim is None:
+        for i, piece, piece_dim, offset in pieces:
+            if piece_dim is None:
                 out.copy_(piece)
             else:
-                out.narrow(dim, offset, piece.shape[dim]).copy_(piece)
-                offset += piece.shape[dim]
+                out.narrow(piece_dim, offset, piece.shape[piece_dim]).copy_(piece)
             if isinstance(shards[i], MappedShard):
                 release_pages(piece)
         if not converting:
@@ -329,7 +390,7 @@ def state_dict_for_rank(
 
 def _whole_pieces(key: str, shards: Sequence[StateDict], args: ModelArgs) -> Iterator[torch.Tensor]:
     """Views of the whole of ``key``, piece by piece along its split dim; each released once the next is asked for."""
-    for i, piece in source_pieces(key, shards, args, 1, 0):
+    for i, piece, _, _ in source_pieces(key, shards, args, 1, 0):
         yield piece
         if isinstance(shards[i], MappedShard):
             release_pages(piece)
@@ -346,17 +407,25 @@ def load_checkpoint(
     run (``llama.quantize``), their scales in ``dtype``.
     """
     check_model_parallel_size(args, n_ranks)
-    paths, shards = _open_shards(ckpt_dir, args)
-    stored = detect_scheme(shards[0], paths[0])
-    run_dtype = dtype or shards[0]["tok_embeddings.weight"].dtype
+    paths, shards = open_shards(ckpt_dir, args)
+    return load_rank(shards, str(ckpt_dir), args, n_ranks, rank, device, dtype, quantize)
+
+
+def load_rank(
+    shards: Sequence[StateDict], source: str, args: ModelArgs, n_ranks: int, rank: int,
+    device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
+) -> StateDict:
+    """``load_checkpoint`` of shards already opened and checked (any format's, under Meta's names); source names them."""
+    stored = detect_scheme(shards[0])
+    run_dtype = dtype or shards[0][EMBEDDING].dtype
     convert: Optional[Convert] = None
     if stored is not None:
         if quantize is not None and quantize != stored.kind:
             raise InputError(
-                f"{ckpt_dir} holds {stored.kind} weights (written by llama.quantize), which cannot be loaded as "
+                f"{source} holds {stored.kind} weights (written by llama.quantize), which cannot be loaded as "
                 f"quantize={quantize!r}; pass quantize=None or {stored.kind!r}, or quantize the original checkpoint"
             )
-        check_quantized_split(args, stored, n_ranks, str(ckpt_dir))
+        check_quantized_split(args, stored, n_ranks, source)
         convert = Loader(run_dtype)
     elif quantize is not None:
         group_size = int4_group_size(args, n_ranks, DEFAULT_GROUP_SIZE) if quantize == "int4" else None
@@ -370,24 +439,29 @@ def read_checkpoint(ckpt_dir: Path) -> Tuple[dict, ModelArgs, List[Path], List[S
     params_path = ckpt_dir / "params.json"
     params = load_params(params_path)
     args = ModelArgs.from_params(params, source=str(params_path))
-    paths, shards = _open_shards(ckpt_dir, args)
+    paths, shards = open_shards(ckpt_dir, args)
     return params, args, paths, shards
 
 
-def _open_shards(ckpt_dir: Path, args: ModelArgs) -> Tuple[List[Path], List[StateDict]]:
+def open_shards(ckpt_dir: Path, args: ModelArgs) -> Tuple[List[Path], List[StateDict]]:
     """Every shard of ckpt_dir, mapped and checked against args (whose vocab_size -1 the first shard fills in)."""
     paths = find_shards(ckpt_dir)
     shards: List[StateDict] = [load_shard(p) for p in paths]
     if args.vocab_size == -1:
-        args.vocab_size = _embedding_rows(shards[0], paths[0])
+        rows = _embedding_rows(shards[0], paths[0])
+        args.vocab_size = rows * len(shards) if embedding_split_of(shards, args) == VOCAB_SPLIT else rows
     check_shards(shards, paths, args)
     return paths, shards
 
 
-def infer_vocab_size(ckpt_dir: Path) -> int:
-    """The vocabulary size a checkpoint was trained with (rows of ``tok_embeddings.weight``)."""
-    path = find_shards(ckpt_dir)[0]
-    return _embedding_rows(load_shard(path), path)
+def infer_vocab_size(ckpt_dir: Path, args: ModelArgs) -> int:
+    """The vocabulary size a checkpoint was trained with (rows of ``tok_embeddings.weight``, over every shard if
+    they split it by vocabulary)."""
+    paths = find_shards(ckpt_dir)
+    first = load_shard(paths[0])
+    rows = _embedding_rows(first, paths[0])
+    vocab_split = len(paths) > 1 and first[EMBEDDING].dim() == 2 and first[EMBEDDING].shape[1] == args.dim
+    return rows * len(paths) if vocab_split else rows
 
 
 def _embedding_rows(shard: StateDict, path: Path) -> int:
@@ -397,11 +471,14 @@ def _embedding_rows(shard: StateDict, path: Path) -> int:
 
 
 def write_shards(
-    out_dir: Path, shards: Sequence[StateDict], args: ModelArgs, n_shards: int, convert: Optional[Convert] = None
+    out_dir: Path, shards: Sequence[StateDict], args: ModelArgs, n_shards: int, convert: Optional[Convert] = None,
+    embedding_split: Optional[int] = None,
 ) -> List[Path]:
     """Write ``consolidated.NN.pth`` for n_shards ranks, cut from ``shards`` (any count), one file at a time.
 
     ``convert``: a per-tensor hook of ``state_dict_for_rank`` (``llama.quantize`` quantizes through it).
+    ``embedding_split``: how to cut tok_embeddings.weight (``DIM_SPLIT``, ``VOCAB_SPLIT``); None keeps the layout of
+    ``shards``, or for one shard takes the model family's (``default_embedding_split``).
 
     Each file is written under a temporary name and renamed over the old one, so a process reading or
     running from the old file keeps it whole. Then every other ``*.pth`` in out_dir is removed (with a
@@ -410,10 +487,13 @@ def write_shards(
     n_shards = to_int("n_shards", n_shards, 1)
     check_model_parallel_size(args, n_shards)
     check_quantized_split(args, detect_scheme(shards[0]), n_shards, "the checkpoint")
+    if embedding_split is None:
+        embedding_split = embedding_split_of(shards, args)
+        embedding_split = default_embedding_split(args) if embedding_split is None else embedding_split
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for rank in range(n_shards):
-        state = state_dict_for_rank(shards, args, n_shards, rank, convert=convert)
+        state = state_dict_for_rank(shards, args, n_shards, rank, convert=convert, embedding_split=embedding_split)
         path = out_dir / f"consolidated.{rank:02d}.pth"
         with atomic_write(path) as tmp:
             torch.save(state, tmp)

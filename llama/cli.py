@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -27,8 +28,8 @@ _POSITIONAL = ("ckpt_dir", "tokenizer_path")
 class CliArgs:
     """The checked flags, ready for ``Llama.build`` and the completion calls."""
 
-    ckpt_dir: str
-    tokenizer_path: str
+    ckpt_dir: Optional[str]  # None: the bundled demo model
+    tokenizer_path: Optional[str]  # None: the one in ckpt_dir
     temperature: float
     top_p: float
     max_seq_len: int
@@ -36,6 +37,23 @@ class CliArgs:
     max_batch_size: int
     device: Optional[str]
     dtype: Optional[str]
+    quantize: Optional[str] = None
+    compile: bool = False
+    stop: Tuple[str, ...] = ()
+    stream: Optional[bool] = None  # None: when printing to a terminal
+    quiet: bool = False
+    verbose: bool = False
+    prompt: Tuple[str, ...] = ()  # text completion: prompts to complete instead of the examples
+    interactive: bool = False  # chat: a prompt loop instead of the example dialogs
+    system: Optional[str] = None  # chat: the system prompt of the prompt loop
+
+    def build_options(self) -> Dict[str, Any]:
+        """The keyword arguments of ``Llama.build`` these flags set."""
+        names = ("ckpt_dir", "tokenizer_path", "max_seq_len", "max_batch_size", "device", "dtype", "quantize", "compile")
+        return {name: getattr(self, name) for name in names}
+
+    def streaming(self) -> bool:
+        return sys.stdout.isatty() if self.stream is None else self.stream
 
 
 def _number(value: str, convert: Callable[[str], float], expected: str, ok: Callable[[float], bool]) -> float:
@@ -93,7 +111,7 @@ def device_name(value: str) -> str:
 def existing_dir(value: str) -> str:
     if not os.path.isdir(value):
         what = "a file, not a folder" if os.path.exists(value) else "no such folder"
-        raise argparse.ArgumentTypeError(f"invalid value {value!r} ({what}): expected the checkpoint folder holding params.json")
+        raise argparse.ArgumentTypeError(f"invalid value {value!r} ({what}): expected the checkpoint folder")
     return value
 
 
@@ -102,6 +120,12 @@ def existing_file(value: str) -> str:
         what = "a folder, not a file" if os.path.isdir(value) else "no such file"
         raise argparse.ArgumentTypeError(f"invalid value {value!r} ({what}): expected the tokenizer file, e.g. tokenizer.model")
     return value
+
+
+def setup_logging(args: CliArgs) -> None:
+    """The package's one-line summaries on stderr (none with --quiet; its debug lines and library prints with --verbose)."""
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
 
 
 def build_parser(
@@ -113,18 +137,24 @@ def build_parser(
     temperature_default: float = 0.6,
     top_p_default: float = 0.9,
     prog: Optional[str] = None,
+    chat: bool = False,
 ) -> argparse.ArgumentParser:
-    """The flags every generation script shares, with this script's defaults; ``max_gen_len=None`` makes it optional."""
+    """The flags every generation script shares, with this script's defaults; ``max_gen_len=None`` makes it optional.
+
+    ``chat`` adds the chat flags (--interactive, --system), else the text-completion ones (--prompt).
+    """
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
-        usage="%(prog)s --ckpt_dir DIR --tokenizer_path FILE [flags]\n       %(prog)s DIR FILE [flags]",
+        usage="%(prog)s [--ckpt_dir DIR] [--tokenizer_path FILE] [flags]\n       %(prog)s DIR [FILE] [flags]",
         epilog="A flag may also be written --flag=value, or with hyphens (--max-seq-len 128).",
         allow_abbrev=False,  # a mistyped prefix is an error, not a silent guess
     )
     add = parser.add_argument
-    add("--ckpt_dir", metavar="DIR", help="checkpoint folder holding params.json and the shards (required; or the first positional argument)")
-    add("--tokenizer_path", metavar="FILE", help="the tokenizer file, e.g. tokenizer.model (required; or the second positional argument)")
+    add("--ckpt_dir", metavar="DIR", help="checkpoint folder: Meta's (params.json and shards) or Hugging Face's (config.json and "
+        "safetensors); or the first positional argument (default: the small demo model bundled with the package)")
+    add("--tokenizer_path", metavar="FILE", help="the tokenizer file, e.g. tokenizer.model; or the second positional argument "
+        "(default: the one in the checkpoint folder)")
     add("--temperature", type=temperature, default=temperature_default, metavar="FLOAT",
         help=f"sampling temperature, a number >= 0; 0 decodes greedily (default: {temperature_default})")
     add("--top_p", type=top_p, default=top_p_default, metavar="FLOAT",
@@ -144,6 +174,18 @@ def build_parser(
     add("--dtype", type=_optional(dtype_name), default=None, metavar="DTYPE",
         help="float32, bfloat16 or float16 (also fp32, bf16, fp16, half) "
         "(default: the fastest the device computes well: bfloat16 on CUDA if supported, float16 on MPS)")
+    add("--quantize", choices=("int8", "int4"), default=None, help="quantize the linear weights as they load")
+    add("--compile", action="store_true", help="run the decode step through torch.compile (pays off for long generations)")
+    add("--stop", action="append", default=[], metavar="TEXT", help="end an answer where its text reaches TEXT (repeatable)")
+    add("--stream", action=argparse.BooleanOptionalAction, default=None,
+        help="print text as it is generated (default: when printing to a terminal)")
+    add("--quiet", action="store_true", help="print only the generated text: no progress bar, no summaries")
+    add("--verbose", action="store_true", help="also print the package's debug lines and its libraries' messages")
+    if chat:
+        add("--interactive", action="store_true", help="chat in a prompt loop instead of answering the example dialogs")
+        add("--system", metavar="TEXT", default=None, help="system prompt of the --interactive chat")
+    else:
+        add("--prompt", action="append", default=[], metavar="TEXT", help="a prompt to complete instead of the examples (repeatable)")
     return parser
 
 
@@ -194,10 +236,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
         parser.error(f"unexpected positional argument {positionals[0]!r}; only ckpt_dir and tokenizer_path may be given without a flag")
     for name, check in (("ckpt_dir", existing_dir), ("tokenizer_path", existing_file)):
         value = getattr(namespace, name)
-        if value is None:
-            parser.error(f"missing --{name}; give it as a flag or as positional argument {_POSITIONAL.index(name) + 1}")
         try:
-            check(value)
+            if value is not None:
+                check(value)
         except argparse.ArgumentTypeError as e:
             parser.error(f"argument --{name}: {e}")
-    return CliArgs(**vars(namespace))
+    if namespace.quiet and namespace.verbose:
+        parser.error("--quiet and --verbose contradict each other; pass one")
+    values = vars(namespace)
+    for name in ("stop", "prompt"):
+        if name in values:
+            values[name] = tuple(values[name])
+    return CliArgs(**values)

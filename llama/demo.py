@@ -1,7 +1,8 @@
-"""A tiny random checkpoint and a sentencepiece tokenizer trained on bundled text, for trying the package out.
+"""The demo models: the trained one shipped in the package, and tiny random checkpoints for tests.
 
-``python -m llama.demo OUT_DIR [--n_shards N]`` writes ``OUT_DIR/{params.json, consolidated.NN.pth, tokenizer.model}``.
-The weights are random: the text it generates is noise, but every code path runs.
+``demo_checkpoint()`` is the folder of the bundled model (a 3.3M-parameter Llama 2 trained on the King James Bible by
+``tools/train_demo.py``). ``python -m llama.demo OUT_DIR [--n_shards N]`` writes a random checkpoint
+``OUT_DIR/{params.json, consolidated.NN.pth, tokenizer.model}``: its text is noise, but every code path runs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ DEMO_PARAMS = {
     "norm_eps": 1e-05,
     "rope_theta": 10000.0,
 }
+
+
+def demo_checkpoint() -> Path:
+    """The bundled trained model's folder (params.json, consolidated.00.pth, tokenizer.model, heldout.txt, words.txt)."""
+    folder = Path(str(resources.files("llama").joinpath("data/demo")))
+    if not (folder / "params.json").is_file():
+        raise FileNotFoundError(f"the bundled demo model is missing from {folder}: reinstall the package, or run tools/train_demo.py")
+    return folder
 
 
 def train_tokenizer(model_path: Path, vocab_size: int = 512, text: Optional[str] = None) -> Path:

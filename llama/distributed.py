@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import io
 import logging
 import math
 import os
@@ -101,7 +102,7 @@ def init_process_group(device: torch.device) -> None:
             f"{dist.get_world_size()} processes on MPS: gloo cannot exchange MPS tensors. "
             "Run one process; it loads a checkpoint of any shard count"
         )
-    logger.info("process group: backend %s, rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
+    logger.debug("process group: backend %s, rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
 
 
 def _destroy_process_group() -> None:
@@ -147,10 +148,14 @@ def init_model_parallel(model_parallel_size: Optional[int]) -> int:
         # for gloo), not LLAMA_DIST_TIMEOUT: a hung rank would stall the others for that long.
         new_group = dist.new_group
         dist.new_group = functools.partial(new_group, timeout=timeout())
+        printed = io.StringIO()  # fairscale prints "> initializing ..." lines: kept out of the generated text
         try:
-            fs_init.initialize_model_parallel(size)
+            with contextlib.redirect_stdout(printed):
+                fs_init.initialize_model_parallel(size)
         finally:
             dist.new_group = new_group
+            for line in printed.getvalue().splitlines():
+                logger.debug("fairscale: %s", line)
     _fairscale_groups[size] = tuple(getattr(fs_init, name) for name in _FAIRSCALE_GLOBALS)
     _fairscale_world = dist.group.WORLD
     _latest = _fairscale_group()
@@ -181,6 +186,10 @@ def using(group: ModelParallelGroup) -> Iterator[None]:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def model_parallel_rank() -> int:
@@ -270,7 +279,7 @@ def _attach_shared_memory(group: ModelParallelGroup, slot_bytes: int) -> Optiona
             failures, dist.get_backend(group.handle),
         )
         return None
-    logger.info("model-parallel collectives through shared memory (%d ranks on this host)", group.size)
+    logger.debug("model-parallel collectives through shared memory (%d ranks on this host)", group.size)
     return segment
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import threading
@@ -19,18 +18,18 @@ from llama.chat_format import (
     UNSAFE_ERROR,
     ChatPrediction,
     CompletionPrediction,
+    ChatFormat,
     Dialog,
-    check_dialog,
-    encode_dialog,
-    has_special_tags,
+    chat_format_for,
 )
 from llama.errors import InputError
 from llama.loading import load_model
-from llama.memory import reuse_freed_memory
+from llama.demo import demo_checkpoint
+from llama.memory import parameter_count, reuse_freed_memory
 from llama.model import Transformer
 from llama.quantize import check_kind
 from llama.text_stream import StreamChunk, TextStream
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import BaseTokenizer
 from llama.validation import batch_of_token_lists, to_bool, to_float, to_int, to_list, to_token_ids
 
 logger = logging.getLogger(__name__)
@@ -41,10 +40,10 @@ PathLike = Union[str, Path]
 class Llama:
     @staticmethod
     def build(
-        ckpt_dir: PathLike,
-        tokenizer_path: Optional[PathLike],
-        max_seq_len: int,
-        max_batch_size: int,
+        ckpt_dir: Optional[PathLike] = None,
+        tokenizer_path: Optional[PathLike] = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 4,
         model_parallel_size: Optional[int] = None,
         seed: int = 1,
         *,
@@ -53,14 +52,18 @@ class Llama:
         quantize: Optional[str] = None,
         compile: bool = False,
     ) -> "Llama":
-        """Load a Meta-format checkpoint of any shard count onto this process's model-parallel rank.
+        """Load a checkpoint folder (of any shard count) onto this process's model-parallel rank.
 
-        Works under torchrun or from a plain ``python`` process (a group of one). ``device`` defaults to
+        ``ckpt_dir`` None loads the small demo model bundled with the package; ``tokenizer_path`` None, the
+        tokenizer in the checkpoint folder. Works under torchrun or from a plain ``python`` process (a group of one). ``device`` defaults to
         ``cuda:LOCAL_RANK``, else ``mps``, else ``cpu``; ``dtype`` to the fastest the device computes well.
         ``quantize`` ("int8", "int4") quantizes the linear weights as they load; a checkpoint written by
         ``python -m llama.quantize`` loads quantized without it. ``compile`` runs the decode step through
         ``torch.compile`` (compiled once, at the first generation; see the README for when it pays).
         """
+        if ckpt_dir is None:
+            ckpt_dir = demo_checkpoint()
+            logger.info("no checkpoint given: running the small demo model bundled with the package (%s)", ckpt_dir)
         ckpt_dir = _path("ckpt_dir", ckpt_dir)
         tokenizer_path = None if tokenizer_path is None else _path("tokenizer_path", tokenizer_path)
         max_seq_len = to_int("max_seq_len", max_seq_len, 1)
@@ -78,8 +81,6 @@ class Llama:
         distributed.init_process_group(run_device)
         n_ranks = distributed.init_model_parallel(model_parallel_size)
         distributed.silence_stdout_off_rank0()
-        if distributed.rank() == 0:
-            logger.info("running on %s in %s", run_device, run_dtype)
 
         error: Optional[BaseException] = None
         try:
@@ -93,13 +94,17 @@ class Llama:
         # The largest decode-step tensor: a batch of float32 logits for this rank's share of the vocabulary.
         with distributed.peer_failures("setting up the model-parallel collectives"):
             group = distributed.setup_collectives(run_device, 4 * params.max_batch_size * max(params.dim, params.vocab_size // n_ranks))
-        logger.info("loaded in %.2f seconds", time.time() - start_time)
+        if distributed.rank() == 0:
+            logger.info(
+                "loaded %s: %s parameters in %s on %s, %d process%s, in %.2f seconds", ckpt_dir, _count(parameter_count(params)),
+                str(run_dtype).removeprefix("torch."), run_device, n_ranks, "" if n_ranks == 1 else "es", time.time() - start_time,
+            )
         return Llama(model, tokenizer, seed=seed, group=group, compile=compile)
 
     def __init__(
         self,
         model: Transformer,
-        tokenizer: Tokenizer,
+        tokenizer: BaseTokenizer,
         seed: int = 1,
         group: Optional[distributed.ModelParallelGroup] = None,
         compile: bool = False,
@@ -110,6 +115,7 @@ class Llama:
         # Each Llama keeps its group, so building another of a different model-parallel size leaves this one working.
         self.group = distributed.active_group() if group is None else group
         self.tokenizer = tokenizer
+        self.chat_format: ChatFormat = chat_format_for(tokenizer)
         self.device = model.output.weight.device
         # A generator of our own: user code drawing random numbers cannot shift what is sampled.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -175,7 +181,8 @@ class Llama:
     def _steps(self, rows: List["_Row"]) -> Iterator[List["_Row"]]:
         """Run the rows on a fresh engine; after each step, the rows that got a token or finished."""
         by_sequence = {id(row.sequence): row for row in rows}
-        runner = engine.Engine(self.model, {self.tokenizer.eos_id}, self.generator, self._decode)
+        runner = engine.Engine(self.model, self.tokenizer.stop_ids, self.generator, self._decode)
+        started = time.perf_counter()
         with distributed.peer_failures("generating"):
             for row in rows:
                 runner.add(row.sequence)
@@ -184,6 +191,10 @@ class Llama:
                 yield [by_sequence[id(sequence)] for sequence in runner.step()]
         for row in rows:
             row.finish()
+        seconds = time.perf_counter() - started
+        if rows and distributed.rank() == 0:
+            n_tokens = sum(len(row.sequence.generated) for row in rows)
+            logger.info("generated %d tokens in %.2f seconds (%.1f tokens/s)", n_tokens, seconds, n_tokens / max(seconds, 1e-9))
 
     def _run_to_end(self, rows: List["_Row"]) -> None:
         for _ in self._steps(rows):
@@ -292,10 +303,11 @@ class Llama:
         *,
         stop: Union[str, Sequence[str], None] = None,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant, in Llama 2's chat format; max_gen_len defaults to max_seq_len - 1.
+        """Answer each dialog as the assistant, in the checkpoint's chat format; max_gen_len defaults to max_seq_len - 1.
 
-        A dialog that contains the format's own tags ([INST], <<SYS>>, ...) is not run and gets the reference's
-        refusal text. ``stop`` as in ``text_completion``.
+        Llama 2's format ([INST] tags) refuses a dialog that contains its own tags, as the reference does: the dialog is
+        not run and gets the reference's refusal text. Llama 3's (header tokens) encodes such text as plain text.
+        ``stop`` as in ``text_completion``.
         """
         dialogs = _read_once(dialogs)
         with self._call(dialogs, temperature, top_p, max_gen_len, logprobs, stop):
@@ -342,15 +354,26 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         for i, dialog in enumerate(dialogs):
-            check_dialog(dialog, i)
-        safe = [i for i, dialog in enumerate(dialogs) if not has_special_tags(dialog)]
-        prompts = [encode_dialog(dialogs[i], functools.partial(self._encode, f"dialogs[{i}]")) for i in safe]
+            self.chat_format.check(dialog, i)
+        safe = [i for i, dialog in enumerate(dialogs) if not self.chat_format.refuses(dialog)]
+        prompts = [self._encode_dialog(dialogs[i], f"dialogs[{i}]") for i in safe]
         name = lambda k: f"dialogs[{safe[k]}] (once encoded)"  # noqa: E731
         rows: List[Optional[_Row]] = [None] * len(dialogs)
         for i, row in zip(safe, self._rows(prompts, max_gen_len, temperature, top_p, logprobs, False, name, stop, streaming)):
             row.index = i
             rows[i] = row
         return rows
+
+    def encode_dialog(self, dialog: Dialog) -> List[int]:
+        """The prompt tokens ``chat_completion`` would run for one dialog (its length counts against max_seq_len)."""
+        self.chat_format.check(dialog)
+        return self._encode_dialog(dialog, "dialog")
+
+    def _encode_dialog(self, dialog: Dialog, name: str) -> List[int]:
+        try:
+            return self.chat_format.encode(dialog)
+        except InputError as e:
+            raise InputError(f"{name}: {e}") from None
 
     def _encode(self, name: str, text: str, bos: bool = True, eos: bool = False) -> List[int]:
         try:
@@ -409,6 +432,14 @@ class _Row:
             chunk["tokens"] = [decode([x]) for x in self.sequence.tokens[new]]
             chunk["logprobs"] = self.sequence.logprobs[new]
         return chunk
+
+
+def _count(n: int) -> str:
+    """1234567 -> '1.2M'."""
+    for size, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n >= size:
+            return f"{n / size:.1f}{suffix}"
+    return str(n)
 
 
 def _stop_strings(stop: object) -> List[str]:

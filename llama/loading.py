@@ -1,4 +1,5 @@
-"""Loading a checkpoint folder: its tokenizer, its params and this rank's weights, into a ready model."""
+"""Loading a checkpoint folder of any format (``llama.formats``): its tokenizer, its params and this rank's weights,
+into a ready model."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Optional, Tuple
 import torch
 
 from llama import distributed
-from llama.args import ModelArgs, check_model_parallel_size, load_params
-from llama.checkpoint import infer_vocab_size, load_checkpoint
+from llama.args import check_model_parallel_size
+from llama.checkpoint import infer_vocab_size, load_checkpoint, load_rank
 from llama.errors import CheckpointError
+from llama.formats import HF, detect_format, read_args, read_shards
 from llama.memory import check_fits
 from llama.model import Transformer
 from llama.quantize import kind_in_params
@@ -21,17 +23,17 @@ def load_model(
     ckpt_dir: Path, tokenizer_path: Optional[Path], max_seq_len: int, max_batch_size: int, n_ranks: int, device: torch.device, dtype: torch.dtype,
     quantize: Optional[str] = None,
 ) -> Tuple[Transformer, Tokenizer]:
-    """Tokenizer, params and this rank's weights, assigned into a model built on the meta device."""
+    """Tokenizer, params and this rank's weights, assigned into a model built on the meta device.
+
+    tokenizer_path None: the folder's own (its tokenizer.model, else tokenizer.json).
+    """
+    fmt = detect_format(ckpt_dir)
     if tokenizer_path is None:
-        tokenizer_path = ckpt_dir / "tokenizer.model"
-        if not tokenizer_path.is_file():
-            raise FileNotFoundError(f"no tokenizer_path was given and {ckpt_dir} holds no tokenizer.model: pass tokenizer_path")
+        tokenizer_path = ckpt_dir  # load_tokenizer picks the folder's tokenizer file
     tokenizer = load_tokenizer(tokenizer_path)
-    params_path = ckpt_dir / "params.json"
-    params = load_params(params_path)
-    args = ModelArgs.from_params(params, source=str(params_path), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    args, params_path = read_args(ckpt_dir, fmt, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     if args.vocab_size == -1:  # Meta's Llama 2 params.json: the vocabulary is the tokenizer's
-        rows = infer_vocab_size(ckpt_dir)
+        rows = infer_vocab_size(ckpt_dir, args)
         if rows != tokenizer.n_words:
             raise CheckpointError(
                 f"the tokenizer {tokenizer_path} has {tokenizer.n_words} words but the checkpoint {ckpt_dir} was trained with "
@@ -47,7 +49,11 @@ def load_model(
     check_model_parallel_size(args, n_ranks)
     # The shards' tensors say how a checkpoint is quantized; params.json's field is enough for the memory estimate.
     check_fits(args, n_ranks, dtype, device, str(params_path), quantize or kind_in_params(args.quantization_args))
-    state_dict = load_checkpoint(ckpt_dir, args, n_ranks, distributed.model_parallel_rank(), device, dtype, quantize)
+    rank = distributed.model_parallel_rank()
+    if fmt == HF:
+        state_dict = load_rank(read_shards(ckpt_dir, fmt, args), str(ckpt_dir), args, n_ranks, rank, device, dtype, quantize)
+    else:
+        state_dict = load_checkpoint(ckpt_dir, args, n_ranks, rank, device, dtype, quantize)
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state_dict, assign=True, strict=True)

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -24,15 +24,25 @@ GB = 1e9
 QUANTIZED_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / 64}
 
 
-def weight_bytes(args: ModelArgs, n_ranks: int, dtype: torch.dtype, quantize: Optional[str] = None) -> int:
-    """Bytes of one rank's share of the weights (norms are replicated; everything else is split)."""
+def _parameter_counts(args: ModelArgs) -> Tuple[int, int]:
+    """(parameters of the linear layers, output included; of the embedding and the norms)."""
     assert args.n_kv_heads is not None
     dim, hidden, vocab = args.dim, args.hidden_dim, max(args.vocab_size, 0)
     kv = args.n_kv_heads * args.head_dim
     linear = args.n_layers * (2 * dim * dim + 2 * kv * dim + 3 * hidden * dim) + vocab * dim  # the output is linear
+    return linear, vocab * dim + (2 * args.n_layers + 1) * dim
+
+
+def parameter_count(args: ModelArgs) -> int:
+    return sum(_parameter_counts(args))
+
+
+def weight_bytes(args: ModelArgs, n_ranks: int, dtype: torch.dtype, quantize: Optional[str] = None) -> int:
+    """Bytes of one rank's share of the weights (norms are replicated; everything else is split)."""
+    linear, other = _parameter_counts(args)
     linear_bytes = QUANTIZED_BYTES[quantize] if quantize else dtype.itemsize
-    replicated = (2 * args.n_layers + 1) * dim
-    return int(linear * linear_bytes) // n_ranks + (vocab * dim // n_ranks + replicated) * dtype.itemsize
+    replicated = (2 * args.n_layers + 1) * args.dim
+    return int(linear * linear_bytes) // n_ranks + ((other - replicated) // n_ranks + replicated) * dtype.itemsize
 
 
 def kv_cache_bytes(args: ModelArgs, n_ranks: int, dtype: torch.dtype) -> int:

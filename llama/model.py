@@ -1,7 +1,8 @@
-"""The Llama 2 transformer: RMSNorm, rotary embeddings, grouped-query attention with a KV cache, SwiGLU.
+"""The Llama 2/3 transformer: RMSNorm, rotary embeddings (with 3.1's scaling), grouped-query attention with a KV cache, SwiGLU.
 
 Pure ``nn`` code. Linear layers are fairscale's model-parallel ones, so each rank holds its slice of
-every split tensor exactly as Meta's ``consolidated.NN.pth`` shards lay them out.
+every split tensor as Meta's Llama 2 ``consolidated.NN.pth`` shards lay them out (Llama 3's shards split the token
+embedding by vocabulary instead; ``llama.checkpoint`` re-cuts it on loading).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
-from llama.args import ModelArgs, local_head_counts
+from llama.args import ModelArgs, RopeScaling, local_head_counts
 from llama.errors import InputError
 from llama.parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 
@@ -40,11 +41,27 @@ class RMSNorm(nn.Module):
         return self._norm(x.float()).type_as(x) * self.weight
 
 
-def precompute_rope(head_dim: int, end: int, theta: float, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (end, head_dim // 2), in float32."""
+def precompute_rope(
+    head_dim: int, end: int, theta: float, device: Optional[torch.device] = None, scaling: Optional[RopeScaling] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (end, head_dim // 2), in float32; ``scaling``: Llama 3.1's, as ``use_scaled_rope``."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    if scaling is not None:
+        freqs = scale_rope_freqs(freqs, scaling)
     angles = torch.outer(torch.arange(end, device=device, dtype=torch.float32), freqs)
     return angles.cos(), angles.sin()
+
+
+def scale_rope_freqs(freqs: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's ``apply_scaling``: wavelengths past the original context's are slowed by ``factor``, those under
+    ``original_max_seq_len / high_freq_factor`` kept, and those between blended smoothly (float32, as Meta's and HF's)."""
+    low_freq_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    wavelen = 2 * torch.pi / freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scaling.factor, freqs)
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, (1 - smooth) * scaled / scaling.factor + smooth * scaled, scaled)
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -178,7 +195,7 @@ class Transformer(nn.Module):
             attention = layer.attention
             attention.cache = KVCache(max_batch_size, max_seq_len, attention.n_local_kv_heads, attention.head_dim, dtype).to(device)
         # Twice max_seq_len, as Meta's freqs_cis, so that positions past the cache still have angles.
-        cos, sin = precompute_rope(self.params.head_dim, max_seq_len * 2, self.params.rope_theta, device=device)
+        cos, sin = precompute_rope(self.params.head_dim, max_seq_len * 2, self.params.rope_theta, device, self.params.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

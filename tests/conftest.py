@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import pytest
 import torch
 
 from llama import Llama
+from llama.model import Transformer
 from llama.demo import DEMO_PARAMS, make_demo_checkpoint, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,3 +68,17 @@ def edit_params(ckpt: Path, **changes: object) -> None:
     params = json.loads((ckpt / "params.json").read_text())
     params.update(changes)
     (ckpt / "params.json").write_text(json.dumps(params))
+
+
+@pytest.fixture
+def forward_calls(monkeypatch: pytest.MonkeyPatch) -> List[tuple]:
+    """(bsz, seqlen) of every Transformer.forward call."""
+    calls: List[tuple] = []
+    forward = Transformer.forward
+
+    def recording(self: Transformer, tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        calls.append(tuple(tokens.shape))
+        return forward(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "forward", recording)
+    return calls

@@ -10,7 +10,6 @@ import torch
 
 from llama import Llama, engine
 from llama.engine import Engine, Sampling, Sequence
-from llama.model import Transformer
 from tests.conftest import build
 
 PROMPTS = ["The llama is", "Once upon a time, a shepherd went down to the river", "A", "Bread is baked in ovens of clay"]
@@ -19,20 +18,6 @@ GREEDY = Sampling(temperature=0.0, top_p=1.0, logprobs=True)
 
 def encode(generator: Llama, prompts: List[str]) -> List[List[int]]:
     return [generator.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-
-
-@pytest.fixture
-def forward_calls(monkeypatch: pytest.MonkeyPatch) -> List[tuple]:
-    """(bsz, seqlen) of every Transformer.forward call."""
-    calls: List[tuple] = []
-    forward = Transformer.forward
-
-    def recording(self: Transformer, tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        calls.append(tuple(tokens.shape))
-        return forward(self, tokens, *args, **kwargs)
-
-    monkeypatch.setattr(Transformer, "forward", recording)
-    return calls
 
 
 def alone(generator: Llama, prompt: List[int], max_gen_len: int) -> tuple:
@@ -56,7 +41,7 @@ def test_rows_at_their_own_positions_equal_each_row_run_alone(generator: Llama) 
 
 
 def test_unequal_prompts_are_prefilled_in_one_forward_then_one_token_per_step(generator: Llama, forward_calls: List[tuple], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(generator.tokenizer, "eos_id", -5)  # every row runs to max_gen_len
+    monkeypatch.setattr(generator.tokenizer, "stop_ids", frozenset({-5}))  # every row runs to max_gen_len
     prompts = encode(generator, PROMPTS)
     generator.generate(prompts, max_gen_len=6, temperature=0)
     longest = max(len(p) for p in prompts)
@@ -68,7 +53,7 @@ def test_a_finished_row_stops_costing_compute(generator: Llama, forward_calls: L
     free_run, _ = generator.generate(prompts, max_gen_len=8, temperature=0)
     stop = free_run[0][2]  # row 0 stops at its third generated token
     assert stop not in free_run[1]
-    monkeypatch.setattr(generator.tokenizer, "eos_id", stop)
+    monkeypatch.setattr(generator.tokenizer, "stop_ids", frozenset({stop}))
     forward_calls.clear()
     stopped, _ = generator.generate(prompts, max_gen_len=8, temperature=0)
     assert stopped == [free_run[0][:2], free_run[1]]
@@ -132,9 +117,8 @@ def test_chunked_prefill_equals_one_chunk(generator: Llama, monkeypatch: pytest.
 def test_finish_reasons(generator: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = encode(generator, PROMPTS[:2])
     free_run, _ = generator.generate(prompts, max_gen_len=6, temperature=0)
-    monkeypatch.setattr(generator.tokenizer, "eos_id", free_run[0][1])
     sequences = [Sequence(p, len(p) + 6, GREEDY) for p in prompts]
-    Engine(generator.model, {generator.tokenizer.eos_id}).run(sequences)
+    Engine(generator.model, {free_run[0][1]}).run(sequences)
     assert [s.finish_reason for s in sequences] == ["stop", "length"]
     full = Sequence(prompts[0], len(prompts[0]), GREEDY)  # no room to generate: finished without a forward
     Engine(generator.model, {0}).add(full)
@@ -146,8 +130,8 @@ def test_compiled_decode_step_equals_eager(ckpt_dir: Path, generator: Llama, mon
     compiled = build(ckpt_dir, compile=True)
     prompts = encode(generator, PROMPTS)
     free_run, _ = generator.generate(prompts, 10, temperature=0)
-    monkeypatch.setattr(generator.tokenizer, "eos_id", free_run[0][2])  # row 0 leaves early: the batch shrinks
-    monkeypatch.setattr(compiled.tokenizer, "eos_id", free_run[0][2])
+    monkeypatch.setattr(generator.tokenizer, "stop_ids", frozenset({free_run[0][2]}))  # row 0 leaves early: the batch shrinks
+    monkeypatch.setattr(compiled.tokenizer, "stop_ids", frozenset({free_run[0][2]}))
     want = generator.generate(prompts, 10, temperature=0, logprobs=True)
     got = compiled.generate(prompts, 10, temperature=0, logprobs=True)
     assert got[0] == want[0]

@@ -101,7 +101,7 @@ def test_eos_stops_each_row_alone(generator: Llama, monkeypatch: pytest.MonkeyPa
     free_run, _ = generator.generate(prompts, max_gen_len=8, temperature=0)
     stop_token = free_run[0][3]  # make row 0's fourth generated token the EOS
     assert stop_token not in free_run[1], "pick prompts whose runs differ"
-    monkeypatch.setattr(generator.tokenizer, "eos_id", stop_token)
+    monkeypatch.setattr(generator.tokenizer, "stop_ids", frozenset({stop_token}))
     stopped, _ = generator.generate(prompts, max_gen_len=8, temperature=0)
     assert stopped[0] == free_run[0][: free_run[0].index(stop_token)]
     assert stopped[1] == free_run[1]
@@ -110,7 +110,7 @@ def test_eos_stops_each_row_alone(generator: Llama, monkeypatch: pytest.MonkeyPa
 def test_eos_inside_an_echoed_prompt_does_not_cut_it(generator: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
     prompt = encode(generator, ["The llama is a domesticated camelid"])[0]
     generated, _ = generator.generate([prompt], max_gen_len=4, temperature=0)
-    monkeypatch.setattr(generator.tokenizer, "eos_id", prompt[3])
+    monkeypatch.setattr(generator.tokenizer, "stop_ids", frozenset({prompt[3]}))
     echoed, _ = generator.generate([prompt], max_gen_len=4, temperature=0, echo=True)
     assert echoed[0][: len(prompt)] == prompt
     assert prompt[3] not in generated[0], "the token chosen as EOS must not also be generated"
@@ -151,7 +151,7 @@ def test_build_after_the_process_group_was_destroyed(ckpt_dir: Path, generator: 
 
 
 def test_generation_stops_at_max_seq_len(generator: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(generator.tokenizer, "eos_id", -5)  # no token ends a row early
+    monkeypatch.setattr(generator.tokenizer, "stop_ids", frozenset({-5}))  # no token ends a row early
     tokens, _ = generator.generate(encode(generator, ["A"]), max_gen_len=1000, temperature=0)
     assert len(tokens[0]) == generator.model.params.max_seq_len - 2  # BOS and "A" take the first two places
 

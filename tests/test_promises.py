@@ -189,7 +189,7 @@ def test_eos_in_a_prompt_neither_cuts_it_nor_stops_its_row_and_a_generated_eos_s
     long row, inside its prompt at that step, goes on until it generates X itself. An EOS cut searched from the start of an
     echoed row, or an EOS counted inside a prompt, cuts the long row.
     """
-    monkeypatch.setattr(generator.tokenizer, "eos_id", NO_TOKEN)
+    monkeypatch.setattr(generator.tokenizer, "stop_ids", frozenset({NO_TOKEN}))
     base = encode(generator, "The llama is")
     (run,), _ = generator.generate([base], max_gen_len=30, temperature=0)
     # X: a token the run makes twice, first at i >= 2
@@ -203,7 +203,7 @@ def test_eos_in_a_prompt_neither_cuts_it_nor_stops_its_row_and_a_generated_eos_s
     j = free_long.index(x)
     assert 0 < j < max_gen_len - 1 and len(long) + j > len(short) + 2, "the long row must generate past the short row's EOS"
 
-    monkeypatch.setattr(generator.tokenizer, "eos_id", x)
+    monkeypatch.setattr(generator.tokenizer, "stop_ids", frozenset({x}))
     tokens, logprobs = generator.generate([long, short], max_gen_len, temperature=0, logprobs=True, echo=True)
     assert tokens == [long + free_long[:j], short + free_short[:2]]
     for row, scores in zip(tokens, logprobs):

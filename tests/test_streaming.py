@@ -12,7 +12,6 @@ from llama import Llama, engine
 from llama.chat_format import UNSAFE_ERROR
 from llama.errors import InputError
 from llama.text_stream import REPLACEMENT, StreamChunk, TextStream
-from tests.test_engine import forward_calls  # noqa: F401 (fixture)
 
 PROMPTS = ["The llama is", "Once upon a time, a shepherd went down to the river", "A"]
 # Characters that a 512-piece tokenizer trained on English spells in byte-fallback tokens, two to four per character.
@@ -123,7 +122,7 @@ def test_a_false_start_of_a_stop_string_is_held_back_then_sent(generator: Llama,
     assert sent == FORCED
 
 
-def test_a_stopped_row_costs_no_more_compute(generator: Llama, forward_calls: List[tuple]) -> None:  # noqa: F811
+def test_a_stopped_row_costs_no_more_compute(generator: Llama, forward_calls: List[tuple]) -> None:
     """Greedy rows; row 0 stops at a string from its own text: the batch shrinks to one row right after."""
     prompts = [PROMPTS[0], PROMPTS[1]]
     free = generator.text_completion(prompts, temperature=0, max_gen_len=20)
