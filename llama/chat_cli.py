@@ -72,6 +72,8 @@ def chat_loop(
     out = out or sys.stdout
     if distributed.world_size() > 1:
         raise ValueError("the interactive chat runs in one process; run it without torchrun (any shard count loads on one process)")
+    if not logger.isEnabledFor(logging.DEBUG):  # a tokens/s line after each answer would only interrupt the dialog
+        logging.getLogger("llama.generation").setLevel(logging.WARNING)
     start: Dialog = [{"role": "system", "content": system}] if system else []
     dialog: Dialog = list(start)
     out.write(HELP + "\n")

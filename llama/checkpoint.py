@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm import tqdm
 
 from llama.args import ModelArgs, check_model_parallel_size, load_params, local_head_counts, model_parallel_sizes
 from llama.errors import CheckpointError, InputError
@@ -192,7 +193,7 @@ def int4_group_size(args: ModelArgs, n_ranks: int, preferred: int) -> int:
     for group_size in GROUP_SIZES:
         if group_size <= preferred and all(size % group_size == 0 for size in slices.values()):
             if group_size != preferred:
-                logger.info("int4 groups of %d, not %d: on %d rank(s) the input slices are %s", group_size, preferred, n_ranks, slices)
+                logger.debug("int4 groups of %d, not %d: on %d rank(s) the input slices are %s", group_size, preferred, n_ranks, slices)
             return group_size
     raise InputError(
         f"int4 needs input dims in multiples of {min(GROUP_SIZES)} on each rank, but on model_parallel_size={n_ranks} "
@@ -342,7 +343,7 @@ def source_pieces(
 def state_dict_for_rank(
     shards: Sequence[StateDict], args: ModelArgs, n_ranks: int, rank: int,
     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, convert: Optional[Convert] = None,
-    embedding_split: int = DIM_SPLIT, keys: Optional[Collection[str]] = None,
+    embedding_split: int = DIM_SPLIT, keys: Optional[Collection[str]] = None, progress: Optional[Callable[[int], object]] = None,
 ) -> StateDict:
     """The state dict of one rank out of n_ranks, in memory of its own: no tensor is a view of ``shards``.
 
@@ -354,7 +355,7 @@ def state_dict_for_rank(
     the rank's weights rather than the copy plus the file's mapped pages. ``convert`` (a ``llama.quantize`` hook)
     takes each tensor of a quantized kind, in the shards' dtype, as soon as it is copied and gives what to keep
     instead: so a model is quantized one tensor at a time, never held whole in full precision.
-    ``keys``: only these tensors (a converter asks for one at a time).
+    ``keys``: only these tensors (a converter asks for one at a time). ``progress(1)`` is called after each tensor.
     """
     scheme = detect_scheme(shards[0])
     source_split = embedding_split_of(shards, args)
@@ -376,6 +377,8 @@ def state_dict_for_rank(
                 out.narrow(piece_dim, offset, piece.shape[piece_dim]).copy_(piece)
             if isinstance(shards[i], MappedShard):
                 release_pages(piece)
+        if progress is not None:
+            progress(1)
         if not converting:
             state[key] = out
             continue
@@ -399,6 +402,7 @@ def _whole_pieces(key: str, shards: Sequence[StateDict], args: ModelArgs) -> Ite
 def load_checkpoint(
     ckpt_dir: Path, args: ModelArgs, n_ranks: int, rank: int,
     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
+    show_progress: bool = False,
 ) -> StateDict:
     """Read the shards of ckpt_dir (any count) and return rank's state dict for n_ranks model-parallel ranks.
 
@@ -408,14 +412,18 @@ def load_checkpoint(
     """
     check_model_parallel_size(args, n_ranks)
     paths, shards = open_shards(ckpt_dir, args)
-    return load_rank(shards, str(ckpt_dir), args, n_ranks, rank, device, dtype, quantize)
+    return load_rank(shards, str(ckpt_dir), args, n_ranks, rank, device, dtype, quantize, show_progress)
 
 
 def load_rank(
     shards: Sequence[StateDict], source: str, args: ModelArgs, n_ranks: int, rank: int,
     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
+    show_progress: bool = False,
 ) -> StateDict:
-    """``load_checkpoint`` of shards already opened and checked (any format's, under Meta's names); source names them."""
+    """``load_checkpoint`` of shards already opened and checked (any format's, under Meta's names); source names them.
+
+    ``show_progress``: a progress bar on stderr, a step per tensor.
+    """
     stored = detect_scheme(shards[0])
     run_dtype = dtype or shards[0][EMBEDDING].dtype
     convert: Optional[Convert] = None
@@ -430,7 +438,9 @@ def load_rank(
     elif quantize is not None:
         group_size = int4_group_size(args, n_ranks, DEFAULT_GROUP_SIZE) if quantize == "int4" else None
         convert = Quantizer(Scheme(quantize, group_size), run_dtype)
-    return state_dict_for_rank(shards, args, n_ranks, rank, device, dtype, convert)
+    n_tensors = len(full_shapes(args, stored))
+    with tqdm(total=n_tensors, desc="loading weights", unit=" tensors", disable=not show_progress, leave=False) as bar:
+        return state_dict_for_rank(shards, args, n_ranks, rank, device, dtype, convert, progress=bar.update)
 
 
 def read_checkpoint(ckpt_dir: Path) -> Tuple[dict, ModelArgs, List[Path], List[StateDict]]:

@@ -3,6 +3,8 @@ into a ready model."""
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -50,10 +52,12 @@ def load_model(
     # The shards' tensors say how a checkpoint is quantized; params.json's field is enough for the memory estimate.
     check_fits(args, n_ranks, dtype, device, str(params_path), quantize or kind_in_params(args.quantization_args))
     rank = distributed.model_parallel_rank()
+    # On a terminal, from rank 0, unless the summaries are off (--quiet).
+    show = distributed.rank() == 0 and sys.stderr.isatty() and logging.getLogger("llama").isEnabledFor(logging.INFO)
     if fmt == HF:
-        state_dict = load_rank(read_shards(ckpt_dir, fmt, args), str(ckpt_dir), args, n_ranks, rank, device, dtype, quantize)
+        state_dict = load_rank(read_shards(ckpt_dir, fmt, args), str(ckpt_dir), args, n_ranks, rank, device, dtype, quantize, show)
     else:
-        state_dict = load_checkpoint(ckpt_dir, args, n_ranks, rank, device, dtype, quantize)
+        state_dict = load_checkpoint(ckpt_dir, args, n_ranks, rank, device, dtype, quantize, show)
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state_dict, assign=True, strict=True)

@@ -75,7 +75,7 @@ class Tokenizer(BaseTokenizer):
             self.sp_model.Load(str(path))
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path} is not a sentencepiece model: {e}") from e
-        logger.info("Loaded sentencepiece tokenizer from %s", path)
+        logger.debug("Loaded sentencepiece tokenizer from %s", path)
 
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()

@@ -59,7 +59,7 @@ class HFTokenizer(BaseTokenizer):
         self.stop_ids: FrozenSet[int] = frozenset(stop)
         # sentencepiece decodes BOS/EOS/pad (control pieces) to nothing; tiktoken decodes every special token to its text.
         self._hidden = frozenset(i for i in (self.bos_id, self.eos_id, self.pad_id) if i >= 0) if self.family == "llama2" else frozenset()
-        logger.info("Loaded Hugging Face tokenizer (%s, %d tokens) from %s", self.family, self.n_words, path)
+        logger.debug("Loaded Hugging Face tokenizer (%s, %d tokens) from %s", self.family, self.n_words, path)
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         check_text(s)

@@ -73,7 +73,7 @@ class Llama3Tokenizer(BaseTokenizer):
         n_base = len(mergeable_ranks)
         self.special_tokens: Dict[str, int] = {token: n_base + i for i, token in enumerate(SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(name=path.name, pat_str=PAT_STR, mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens)
-        logger.info("Loaded tiktoken tokenizer with %d tokens from %s", n_base, path)
+        logger.debug("Loaded tiktoken tokenizer with %d tokens from %s", n_base, path)
 
         self.n_words: int = n_base + len(SPECIAL_TOKENS)
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
