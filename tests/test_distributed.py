@@ -6,6 +6,7 @@ building a ``Llama`` again in a live process group); tests/dist_worker.py is the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -20,10 +21,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pytest
 import torch
 
-from llama import CheckpointError, distributed
+from llama import CheckpointError, ModelArgs, distributed
+from llama.demo import random_state_dict
 from llama.errors import InputError
 from tests.conftest import ROOT, build
 from tests.dist_utils import free_port
+from tests.test_formats import LLAMA3, llama3_tokenizer, meta_folder
 
 WORKER = str(ROOT / "tests" / "dist_worker.py")
 COUNTS = (1, 2, 4)
@@ -107,7 +110,25 @@ def resharded(checkpoints: Dict[int, Path], tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="module")
-def on_two(checkpoints: Dict[int, Path], resharded: Path, tmp_path_factory: pytest.TempPathFactory) -> List[Report]:
+def llama3_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Dict[int, Path]:
+    """A tiny Llama 3.1-shaped model (128256 words, scaled RoPE) in 1 shard and in 2 (embedding split by vocabulary),
+    with the real Llama 3 tokenizer; none without the llama-models test extra that ships it."""
+    if importlib.util.find_spec("llama_models") is None:
+        return {}
+    args = ModelArgs.from_params(LLAMA3)
+    state = random_state_dict(args, seed=3)
+    folder = tmp_path_factory.mktemp("llama3")
+    return {k: meta_folder(folder / f"{k}", LLAMA3, state, n_shards=k, tokenizer=llama3_tokenizer()) for k in (1, 2)}
+
+
+def llama3_cases(llama3_checkpoints: Dict[int, Path]) -> List[dict]:
+    return [greedy_case("llama 3, 2 shards", llama3_checkpoints[2])] if llama3_checkpoints else []
+
+
+@pytest.fixture(scope="module")
+def on_two(
+    checkpoints: Dict[int, Path], resharded: Path, llama3_checkpoints: Dict[int, Path], tmp_path_factory: pytest.TempPathFactory
+) -> List[Report]:
     """One torchrun launch of 2 processes: every shard count, model_parallel_size 1, a sampled run with a different seed per
     rank, the reshard output, the first model used again after the others, ranks given different prompts, no room in /dev/shm."""
     cases = [greedy_case(f"{k} shards", checkpoints[k]) for k in COUNTS]
@@ -126,12 +147,25 @@ def on_two(checkpoints: Dict[int, Path], resharded: Path, tmp_path_factory: pyte
     # Rank 1 alone passes a temperature it refuses: it must not raise alone and leave rank 0 waiting in a collective.
     cases.append({**greedy_case("one rank's bad temperature", checkpoints[2]), "temperature_per_rank": [0.0, -1.0], "expect_error": True})
     cases.append({**greedy_case("no room in /dev/shm", checkpoints[2]), "shm_reserve_fails_on_rank": 0})
-    return torchrun(2, cases, tmp_path_factory.mktemp("on_two"))
+    return torchrun(2, cases + llama3_cases(llama3_checkpoints), tmp_path_factory.mktemp("on_two"))
 
 
 @pytest.fixture(scope="module")
-def on_four(checkpoints: Dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> List[Report]:
-    return torchrun(4, [greedy_case(f"{k} shards", checkpoints[k]) for k in COUNTS], tmp_path_factory.mktemp("on_four"))
+def on_four(checkpoints: Dict[int, Path], llama3_checkpoints: Dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> List[Report]:
+    cases = [greedy_case(f"{k} shards", checkpoints[k]) for k in COUNTS] + llama3_cases(llama3_checkpoints)
+    return torchrun(4, cases, tmp_path_factory.mktemp("on_four"))
+
+
+@pytest.mark.parametrize("n", (2, 4))
+def test_llama3_vocabulary_split_shards_on_n_processes_equal_one_shard_on_one(
+    n: int, llama3_checkpoints: Dict[int, Path], request: pytest.FixtureRequest
+) -> None:
+    if not llama3_checkpoints:
+        pytest.skip("the Llama 3 tokenizer ships in the llama-models test extra")
+    reference = build(llama3_checkpoints[1]).generate(PROMPTS, MAX_GEN_LEN, temperature=0, logprobs=True)
+    for report in request.getfixturevalue({2: "on_two", 4: "on_four"}[n]):
+        assert report["error"] is None
+        assert_matches(report["results"]["llama 3, 2 shards"], reference)
 
 
 @pytest.mark.parametrize("n", COUNTS)

@@ -255,3 +255,54 @@ def test_params_json_from_hf_reproduce_the_hidden_size(dim: int, hidden: int, ex
     assert {k: params[k] for k in expected} == expected
     assert ModelArgs.from_params(params).hidden_dim == hidden
     assert math.isclose(params["rope_theta"], args.rope_theta)
+
+
+@pytest.fixture(scope="module")
+def llama3_folders(llama3: tuple, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """The Llama 3 model in 1 shard, 2 (vocabulary-split) and as an HF folder, each with the real Llama 3 tokenizer."""
+    _, state = llama3
+    tmp = tmp_path_factory.mktemp("llama3_folders")
+    one = meta_folder(tmp / "one", LLAMA3, state, tokenizer=llama3_tokenizer())
+    two = meta_folder(tmp / "two", LLAMA3, state, n_shards=2, tokenizer=llama3_tokenizer())
+    convert(one, tmp / "hf", "hf")
+    return {"meta": one, "meta, 2 shards": two, "hf": tmp / "hf"}
+
+
+@pytest.mark.parametrize("folder", ["meta", "meta, 2 shards", "hf"])
+def test_echo_and_logprobs_on_every_format_equal_transformers(folder: str, llama3_folders: Dict[str, Path], llama3: tuple) -> None:
+    from llama import Llama
+
+    args, state = llama3
+    generator = Llama.build(str(llama3_folders[folder]), None, SEQLEN, 1, device="cpu", dtype=torch.float32)
+    [result] = generator.text_completion(["The llama 🦙 is"], temperature=0, max_gen_len=4, logprobs=True, echo=True)
+    ids = generator.tokenizer.encode("The llama 🦙 is", bos=True, eos=False)
+    assert result["tokens"][: len(ids)] == [generator.tokenizer.decode([t]) for t in ids]
+    assert result["generation"].startswith("<|begin_of_text|>The llama 🦙 is")  # as Meta's llama3 decodes an echo
+    everything = generator.generate([ids], 4, temperature=0, echo=True)[0][0]
+    logits = hf_logits(hf_reference(args, state), torch.tensor([everything]))[0]
+    expected = [0.0] + torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(everything[1:])[:, None])[:, 0].tolist()
+    torch.testing.assert_close(torch.tensor(result["logprobs"]), torch.tensor(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_llama3_chat_stops_at_eot_and_never_shows_it(llama3_folders: Dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model (made to) answer "Hello there" then <|eot_id|> then more: the answer ends at <|eot_id|>."""
+    from llama import Llama, engine
+
+    generator = Llama.build(str(llama3_folders["hf"]), None, 64, 1, device="cpu", dtype=torch.float32)
+    tokenizer = generator.tokenizer
+    eot = tokenizer.special_tokens["<|eot_id|>"]
+    script = tokenizer.encode("Hello there", bos=False, eos=False) + [eot] + tokenizer.encode(" and more", bos=False, eos=False)
+    drawn: list = []
+
+    def scripted(logits: torch.Tensor, temperature: float, top_p: float, rng: object = None) -> torch.Tensor:
+        drawn.append(script[len(drawn)])
+        return torch.tensor([drawn[-1]])
+
+    monkeypatch.setattr(engine, "next_token", scripted)
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say <|eot_id|> hello"}]
+    [answer] = generator.chat_completion([dialog], max_gen_len=20, logprobs=True)
+    assert answer["generation"] == {"role": "assistant", "content": "Hello there"}
+    assert len(drawn) == len(tokenizer.encode("Hello there", bos=False, eos=False)) + 1  # nothing drawn after <|eot_id|>
+    assert len(answer["logprobs"]) == len(answer["tokens"]) == len(drawn) - 1
+    # The typed <|eot_id|> stayed text in the prompt: one <|eot_id|> per message, none more.
+    assert generator.encode_dialog(dialog).count(eot) == 2
