@@ -98,27 +98,9 @@ def _write_hf(folder: Path, args: Any, state: Mapping[str, torch.Tensor], dtype:
     """``config.json`` and ``model.safetensors`` that ``LlamaForCausalLM.from_pretrained`` loads as it would any Llama."""
     from safetensors.torch import save_file
 
-    from llama.formats.hf import to_hf_state_dict
+    from llama.formats.hf import config_from_args, to_hf_state_dict
 
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "max_position_embeddings": 8192,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": EOS_ID,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
+    config = config_from_args(args, False, dtype, max_position_embeddings=8192, bos_token_id=1, eos_token_id=EOS_ID)
     hf_state = to_hf_state_dict(state, args)
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

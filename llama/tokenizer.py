@@ -60,6 +60,9 @@ class BaseTokenizer(abc.ABC):
     def decode(self, t: Sequence[int]) -> str:
         """Text of token ids; invalid UTF-8 byte sequences decode to U+FFFD."""
 
+    def _with_bos_eos(self, t: List[int], bos: bool, eos: bool) -> List[int]:
+        return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
+
 
 class Tokenizer(BaseTokenizer):
     """Encodes and decodes text with a sentencepiece ``tokenizer.model`` (Llama 2, CodeLlama)."""
@@ -89,11 +92,7 @@ class Tokenizer(BaseTokenizer):
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         t = self.sp_model.encode(check_text(s))
-        if bos:
-            t = [self.bos_id] + t
-        if eos:
-            t = t + [self.eos_id]
-        return t
+        return self._with_bos_eos(t, bos, eos)
 
     def decode(self, t: Sequence[int]) -> str:
         return self.sp_model.decode(t)

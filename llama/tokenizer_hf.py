@@ -69,11 +69,7 @@ class HFTokenizer(BaseTokenizer):
         for piece in pieces:
             if piece:
                 t.extend(self.model.encode(piece, add_special_tokens=False).ids)
-        if bos:
-            t.insert(0, self.bos_id)
-        if eos:
-            t.append(self.eos_id)
-        return t
+        return self._with_bos_eos(t, bos, eos)
 
     def decode(self, t: Sequence[int]) -> str:
         ids = [i for i in t if i not in self._hidden] if self._hidden else list(t)

@@ -85,11 +85,7 @@ class Llama3Tokenizer(BaseTokenizer):
         t: List[int] = []
         for piece in meta_chunks(check_text(s)):
             t.extend(self.model.encode_ordinary(piece))  # special-token text stays plain text
-        if bos:
-            t.insert(0, self.bos_id)
-        if eos:
-            t.append(self.eos_id)
-        return t
+        return self._with_bos_eos(t, bos, eos)
 
     def decode(self, t: Sequence[int]) -> str:
         return self.model.decode(list(t))
