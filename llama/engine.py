@@ -1,23 +1,33 @@
 """The decode engine: a batch whose rows are sequences with their own positions, joining and leaving between steps.
 
-Knows token ids and tensors, not text or dialogs. A sequence owns one row of the KV caches while it runs; the
-rows in use are always the first ones, so every forward reads a contiguous block of the caches (a finished
-sequence's row is filled by moving the last row into it). Prompts that join together are prefilled together in
-one forward per chunk, whatever their lengths; each step then advances every running row by one token.
+Knows token ids and tensors, not text or dialogs. Each ``step`` runs one decode step for the rows already decoding
+and at most one prefill chunk for a group of joining prompts, so a long prompt is prefilled over several steps
+while the running rows keep getting a token per step. Prompts that join together are prefilled together, one
+forward per chunk, whatever their lengths.
+
+How the KV-cache rows are laid out (every forward reads a contiguous block of rows):
+- rows [0, len(decoding)) hold the decoding sequences, ``decoding[i]`` in row i, so a decode step reads the first
+  rows, as the compiled step expects; when one finishes, the last decoding row moves into its row;
+- the group being prefilled holds rows [prefill_row, prefill_row + len(prefilling)), above the decoding rows,
+  shortest prompt first: the rows still inside their prompt at any chunk are then the group's last ones, a
+  contiguous block. A row whose prompt is done joins the decoding block (moved down to row len(decoding) when
+  decoding rows left meanwhile); the rows in between are free.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Dict, Iterable, List, Optional, Sequence as Seq, Tuple
 
 import torch
 
 from llama import distributed
 from llama.model import Transformer
-from llama.sampling import next_token, token_logprobs
+from llama.sampling import apply_penalties, next_token, token_logprobs, top_logprobs
 
-PREFILL_CHUNK = 512  # prompt positions per prefill forward: bounds activation and logits memory
+PREFILL_CHUNK = 512  # default prompt positions per prefill forward: bounds activation and logits memory, and a step's time
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
 # (tokens (bsz, 1), positions (bsz,)) -> next-token logits (bsz, vocab): one decode step over the first bsz rows.
 DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,11 +49,42 @@ def compile_decode_step(model: Transformer) -> DecodeStep:
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How a sequence picks its tokens: temperature 0 is greedy; logprobs scores each token it returns."""
+    """How a sequence picks its tokens: temperature 0 is greedy; logprobs scores each token it returns.
+
+    Log-probabilities (``logprobs``, ``top_logprobs``) are the model's own: log_softmax of its logits, before
+    penalties and temperature. ``top_logprobs`` (0 to 20): also keep the k most likely tokens at each generated
+    position. ``presence_penalty``, ``frequency_penalty``: OpenAI's, over the tokens generated so far (not the
+    prompt): ``logits[t] -= presence_penalty * (count[t] > 0) + frequency_penalty * count[t]`` before temperature
+    and top-p. ``seed``: the sequence draws from a generator of its own seeded with it, so its tokens do not depend
+    on the other rows of the batch; without one it draws from the engine's generator.
+    """
 
     temperature: float = 0.6
     top_p: float = 0.9
     logprobs: bool = False
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int):
+            raise TypeError(f"Sampling.top_logprobs must be an int, got {type(self.top_logprobs).__name__} {self.top_logprobs!r}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"Sampling.top_logprobs={self.top_logprobs} is out of range; expected 0 to {MAX_TOP_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"Sampling.{name} must be a finite number, got {value!r}")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                raise TypeError(f"Sampling.seed must be an int or None, got {type(self.seed).__name__} {self.seed!r}")
+            if not -(2**63) <= self.seed < 2**64:
+                raise ValueError(f"Sampling.seed={self.seed} is out of range; expected -2**63 <= seed < 2**64")
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,8 +100,11 @@ class Sequence:
     # Called with the generated tokens after each new one: None to go on, or how many of them to keep and stop
     # (a stop string in their text; llama.text_stream.TextStream is one).
     stop_check: Optional[Callable[[List[int]], Optional[int]]] = None
-    finish_reason: Optional[str] = None  # "stop" (a stop token, not kept in tokens, or stop_check) or "length"
-    row: int = -1  # its KV-cache row while it runs
+    # "stop" (a stop token, not kept in tokens, or stop_check), "length", or "cancelled" (Engine.cancel)
+    finish_reason: Optional[str] = None
+    row: int = -1  # its KV-cache row while it holds one (prefilling or decoding)
+    # With sampling.top_logprobs = k: per generated token, the k (token id, log-probability) most likely, most likely first.
+    top_logprobs: List[List[Tuple[int, float]]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -79,26 +123,51 @@ class Sequence:
         """Drop all but the first n generated tokens (and their scores)."""
         del self.tokens[len(self.prompt) + n :]
         del self.logprobs[len(self.prompt) + n :]
+        del self.top_logprobs[n:]
 
 
 class Engine:
-    """Runs sequences on a model whose KV caches hold ``max_batch_size`` rows of ``max_seq_len`` positions."""
+    """Runs sequences on a model whose KV caches hold ``max_batch_size`` rows of ``max_seq_len`` positions.
+
+    Not thread-safe: call ``add``, ``step`` and ``cancel`` from one thread. Under model parallelism every rank must
+    make the same calls in the same order (rank 0's sampled tokens are broadcast; the schedule is not).
+    """
 
     def __init__(
-        self, model: Transformer, stop_ids: Iterable[int], generator: Optional[torch.Generator] = None, decode: Optional[DecodeStep] = None
+        self,
+        model: Transformer,
+        stop_ids: Iterable[int],
+        generator: Optional[torch.Generator] = None,
+        decode: Optional[DecodeStep] = None,
+        prefill_chunk: Optional[int] = None,
     ) -> None:
-        """``decode`` replaces the model's eager decode step (``compile_decode_step``)."""
+        """``decode`` replaces the model's eager decode step (``compile_decode_step``); ``prefill_chunk``: prompt
+        positions prefilled per step (default ``PREFILL_CHUNK``)."""
+        prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive int, got {prefill_chunk!r}")
         self.model = model
         self.decode = decode
         self.stop_ids = frozenset(stop_ids)
         self.generator = generator
+        self.prefill_chunk = prefill_chunk
         self.device = model.output.weight.device
-        self.running: List[Sequence] = []  # running[i] owns KV-cache row i
-        self.waiting: List[Sequence] = []
+        self.waiting: List[Sequence] = []  # queued, no row yet
+        self.decoding: List[Sequence] = []  # decoding[i] owns KV-cache row i
+        self.prefilling: List[Sequence] = []  # the joining group, shortest prompt first: prefilling[j] owns row prefill_row + j
+        self.prefill_row = 0
+        self.prefill_pos = 0  # prompt positions already in the caches of every prefilling row
+        self._generators: Dict[Sequence, torch.Generator] = {}  # seeded sequences' own
+        self._counts: Dict[Sequence, torch.Tensor] = {}  # penalized sequences' generated-token counts, (vocab,) float32
 
     @property
     def max_batch_size(self) -> int:
         return self.model.params.max_batch_size
+
+    @property
+    def running(self) -> List[Sequence]:
+        """Every sequence holding a row: those decoding, then those being prefilled."""
+        return self.decoding + self.prefilling
 
     def add(self, sequence: Sequence) -> None:
         """Queue a sequence; it joins the batch at a later ``step`` when a row is free."""
@@ -107,14 +176,22 @@ class Engine:
         if len(sequence.prompt) == sequence.max_len and not sequence.score_prompt:
             sequence.finish_reason = "length"  # nothing to generate or score: no forward needed
             return
+        sampling = sequence.sampling
+        if sampling.seed is not None and sampling.temperature > 0:  # greedy never draws
+            self._generators[sequence] = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        if sampling.penalized:
+            self._counts[sequence] = torch.zeros(self.model.vocab_size, device=self.device)
         self.waiting.append(sequence)
 
     def cancel(self, sequence: Sequence) -> None:
-        """Stop a sequence now, whether it waits or runs (a client gone); its row is free for the next step."""
+        """Stop a sequence now, whether it waits, is being prefilled or decodes (a client gone); its row is free for the next step."""
         if sequence in self.waiting:
             self.waiting.remove(sequence)
-        elif sequence in self.running:
+        elif sequence in self.decoding:
             self._release(sequence)
+        elif sequence in self.prefilling:
+            self._drop_prefilling(sequence)
+        self._forget(sequence)
         if sequence.finish_reason is None:
             sequence.finish_reason = "cancelled"
 
@@ -127,15 +204,20 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> List[Sequence]:
-        """Admit waiting sequences into free rows (prefilling them), else advance every running row by one token.
+        """Advance every decoding row by one token and prefill one chunk of the joining prompts (admitting waiting
+        sequences into the free rows when no group is being prefilled).
 
-        Returns the sequences that got a token (or finished) in this step.
+        Returns the sequences that got a token (or finished) in this step; one still inside its prompt is not among them.
         """
-        if self.waiting and len(self.running) < self.max_batch_size:
-            return self._admit()
-        if not self.running:
-            return []
-        batch = list(self.running)
+        if not self.prefilling and self.waiting and len(self.decoding) < self.max_batch_size:
+            self._admit()
+        stepped = self._decode_step() if self.decoding else []
+        if self.prefilling:
+            stepped += self._prefill_step()
+        return stepped
+
+    def _decode_step(self) -> List[Sequence]:
+        batch = list(self.decoding)
         last = torch.tensor([[s.tokens[-1]] for s in batch], dtype=torch.long, device=self.device)  # (bsz, 1)
         positions = [len(s.tokens) - 1 for s in batch]
         if self.decode is not None:
@@ -146,57 +228,61 @@ class Engine:
         self._sample_and_append(batch, logits)
         return batch
 
-    def _admit(self) -> List[Sequence]:
-        """Prefill as many waiting sequences as there are free rows, in one forward per chunk; sample their first token."""
-        free = self.max_batch_size - len(self.running)
+    def _admit(self) -> None:
+        """Give as many waiting sequences as there are free rows the rows above the decoding ones, shortest prompt first."""
+        free = self.max_batch_size - len(self.decoding)
         joining, self.waiting = self.waiting[:free], self.waiting[free:]
-        # Longest first: the rows still inside their prompt at any chunk are then a prefix of the new rows.
-        joining.sort(key=lambda s: len(s.prompt), reverse=True)
-        first_row = len(self.running)
-        for i, sequence in enumerate(joining):
-            sequence.row = first_row + i
-        self.running.extend(joining)
-        last_logits = self._prefill(joining, first_row)
-        to_generate = [i for i, s in enumerate(joining) if len(s.tokens) < s.max_len]
+        joining.sort(key=lambda s: len(s.prompt))  # stable: equal lengths keep their arrival order
+        self.prefill_row, self.prefill_pos = len(self.decoding), 0
+        for j, sequence in enumerate(joining):
+            sequence.row = self.prefill_row + j
+        self.prefilling = joining
+
+    def _prefill_step(self) -> List[Sequence]:
+        """Prefill the next chunk of the joining prompts; those that end in it sample their first token and join the decoding rows."""
+        group, start = self.prefilling, self.prefill_pos
+        lengths = [len(s.prompt) for s in group]  # ascending, each > start
+        width = min(self.prefill_chunk, lengths[-1] - start)
+        chunk = torch.zeros(len(group), width, dtype=torch.long)  # past a prompt's end: padding, never attended to
+        for i, sequence in enumerate(group):
+            piece = sequence.prompt[start : start + width]
+            chunk[i, : len(piece)] = torch.tensor(piece)
+        ends = [min(length - start, width) - 1 for length in lengths]  # last prompt token in this chunk
+        rows = slice(self.prefill_row, self.prefill_row + len(group))
+        last_logits = self._prefill(chunk.to(self.device), start, rows, self._index(ends))  # (n, vocab)
+        self.prefill_pos = start + width
+        done = sum(1 for length in lengths if length <= self.prefill_pos)  # a prefix: shortest first
+        finishing, self.prefilling = group[:done], group[done:]
+        self.prefill_row += done
+        for sequence in finishing:  # into the decoding block, which ends at or below their rows
+            row = len(self.decoding)
+            if sequence.row != row:
+                self._move_row(sequence.row, row, len(sequence.prompt))
+                sequence.row = row
+            self.decoding.append(sequence)
+        to_generate = [i for i, s in enumerate(finishing) if len(s.tokens) < s.max_len]
         if to_generate:
-            index = self._index(to_generate)
-            self._sample_and_append([joining[i] for i in to_generate], last_logits[index])
-        for sequence in joining:
-            if not sequence.finished and len(sequence.tokens) >= sequence.max_len:
+            self._sample_and_append([finishing[i] for i in to_generate], last_logits[self._index(to_generate)])
+        for sequence in finishing:
+            if not sequence.finished and len(sequence.tokens) >= sequence.max_len:  # scored its prompt, nothing to generate
                 sequence.finish_reason = "length"
                 self._release(sequence)
-        return joining
+        return finishing
 
-    def _prefill(self, joining: List[Sequence], first_row: int) -> torch.Tensor:
-        """Write the joining prompts into their rows' caches; the logits (n, vocab) of each prompt's last token."""
-        lengths = [len(s.prompt) for s in joining]
-        last_logits = torch.empty(len(joining), self.model.vocab_size, device=self.device)
-        for chunk_start in range(0, lengths[0], PREFILL_CHUNK):
-            n = sum(1 for length in lengths if length > chunk_start)  # a prefix: longest first
-            width = min(PREFILL_CHUNK, lengths[0] - chunk_start)
-            chunk = torch.zeros(n, width, dtype=torch.long)  # past a prompt's end: padding, never attended to
-            for i, sequence in enumerate(joining[:n]):
-                piece = sequence.prompt[chunk_start : chunk_start + width]
-                chunk[i, : len(piece)] = torch.tensor(piece)
-            chunk = chunk.to(self.device)
-            rows = slice(first_row, first_row + n)
-            ends = [min(lengths[i] - chunk_start, width) - 1 for i in range(n)]  # last prompt token in this chunk
-            scoring = [i for i in range(n) if joining[i].score_prompt]
-            if scoring:
-                logits = self.model.forward(chunk, chunk_start, rows=rows)  # (n, width, vocab)
-                self._score_prompts(joining, scoring, chunk, logits, chunk_start)
-                last = logits[torch.arange(n, device=self.device), self._index(ends)]
-            else:
-                last = self.model.forward(chunk, chunk_start, rows=rows, logits_at=self._index(ends))[:, 0]
-            ending = [i for i in range(n) if lengths[i] <= chunk_start + width]
-            last_logits[self._index(ending)] = last[self._index(ending)]
-        return last_logits
+    def _prefill(self, chunk: torch.Tensor, start: int, rows: slice, ends: torch.Tensor) -> torch.Tensor:
+        """Write one chunk (n, width) of the prefilling prompts at ``start`` into their rows; the logits (n, vocab) at ``ends``."""
+        scoring = [i for i, s in enumerate(self.prefilling) if s.score_prompt]
+        if not scoring:
+            return self.model.forward(chunk, start, rows=rows, logits_at=ends)[:, 0]
+        logits = self.model.forward(chunk, start, rows=rows)  # (n, width, vocab)
+        self._score_prompts(scoring, chunk, logits, start)
+        return logits[torch.arange(chunk.shape[0], device=self.device), ends]
 
-    def _score_prompts(self, joining: List[Sequence], scoring: List[int], chunk: torch.Tensor, logits: torch.Tensor, chunk_start: int) -> None:
+    def _score_prompts(self, scoring: List[int], chunk: torch.Tensor, logits: torch.Tensor, chunk_start: int) -> None:
         """Log-probability of each prompt token after the first, from the chunk's logits (the last one's next is in the next chunk)."""
         width = chunk.shape[1]
         for i in scoring:
-            sequence = joining[i]
+            sequence = self.prefilling[i]
             # Logits at chunk position j predict prompt token chunk_start + j + 1.
             targets = sequence.prompt[chunk_start + 1 : chunk_start + width + 1]
             if not targets:
@@ -206,63 +292,110 @@ class Engine:
             sequence.logprobs[chunk_start + 1 : chunk_start + 1 + len(scores)] = scores
 
     def _sample_and_append(self, batch: List[Sequence], logits: torch.Tensor) -> None:
-        """Choose each row's next token (one draw per group of rows that sample alike), score it, and stop rows that end."""
-        groups = _groups(batch)
-        if len(groups) == 1:  # the usual case: every row samples alike, and no rows need gathering
-            sampling = groups[0][0]
-            chosen = next_token(logits, sampling.temperature, sampling.top_p, self.generator)
-        else:
-            chosen = torch.empty(len(batch), dtype=torch.long, device=self.device)
-            for sampling, index in groups:
-                rows = self._index(index)
-                chosen[rows] = next_token(logits[rows], sampling.temperature, sampling.top_p, self.generator)
-        chosen = distributed.broadcast_tokens(chosen)
+        """Choose each row's next token, score it, and stop rows that end. logits: (bsz, vocab), the model's own."""
+        chosen = distributed.broadcast_tokens(self._choose(batch, logits))
         scored = [i for i, s in enumerate(batch) if s.sampling.logprobs]
         scores: Dict[int, float] = {}
         if scored:
             rows = self._index(scored)
             values = token_logprobs(logits[rows][:, None], chosen[rows][:, None], ignore_index=-1)[:, 0].tolist()
             scores = dict(zip(scored, values))
+        tops = self._top_logprobs(batch, logits)
         for i, (sequence, token) in enumerate(zip(batch, chosen.tolist())):
             if token in self.stop_ids:
                 sequence.finish_reason = "stop"
-            else:
-                sequence.tokens.append(token)
-                if sequence.sampling.logprobs:
-                    sequence.logprobs.append(scores[i])
-                keep = None if sequence.stop_check is None else sequence.stop_check(sequence.generated)
-                if keep is not None:
-                    sequence.keep_generated(keep)
-                    sequence.finish_reason = "stop"
-                elif len(sequence.tokens) >= sequence.max_len:
-                    sequence.finish_reason = "length"
+                continue
+            sequence.tokens.append(token)
+            if sequence.sampling.logprobs:
+                sequence.logprobs.append(scores[i])
+            if i in tops:
+                sequence.top_logprobs.append(tops[i])
+            counts = self._counts.get(sequence)
+            if counts is not None:
+                counts[token] += 1
+            keep = None if sequence.stop_check is None else sequence.stop_check(sequence.generated)
+            if keep is not None:
+                sequence.keep_generated(keep)
+                sequence.finish_reason = "stop"
+            elif len(sequence.tokens) >= sequence.max_len:
+                sequence.finish_reason = "length"
         for sequence in [s for s in batch if s.finished]:
             self._release(sequence)
+
+    def _choose(self, batch: List[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """(bsz,) next tokens: penalties applied where asked, then one draw per group of rows that sample alike
+        (from the engine's generator), or per row for a seeded row (from its own)."""
+        penalized = [i for i, s in enumerate(batch) if s in self._counts]
+        if penalized:
+            rows = self._index(penalized)
+            counts = torch.stack([self._counts[batch[i]] for i in penalized])  # (n, vocab)
+            presence = torch.tensor([batch[i].sampling.presence_penalty for i in penalized], device=self.device)
+            frequency = torch.tensor([batch[i].sampling.frequency_penalty for i in penalized], device=self.device)
+            logits = logits.clone()  # the scores stay the model's own
+            logits[rows] = apply_penalties(logits[rows], counts, presence, frequency)
+        groups = self._groups(batch)
+        if len(groups) == 1:  # the usual case: every row samples alike, and no rows need gathering
+            sampling, generator, _ = groups[0]
+            return next_token(logits, sampling.temperature, sampling.top_p, generator)
+        chosen = torch.empty(len(batch), dtype=torch.long, device=self.device)
+        for sampling, generator, index in groups:
+            rows = self._index(index)
+            chosen[rows] = next_token(logits[rows], sampling.temperature, sampling.top_p, generator)
+        return chosen
+
+    def _groups(self, batch: Seq[Sequence]) -> List[Tuple[Sampling, Optional[torch.Generator], List[int]]]:
+        """Rows that sample alike, each group once, with the generator it draws from: a seeded row is a group of its own."""
+        groups: Dict[object, Tuple[Sampling, Optional[torch.Generator], List[int]]] = {}
+        for i, sequence in enumerate(batch):
+            own = self._generators.get(sequence)
+            key: object = (sequence.sampling.temperature, sequence.sampling.top_p) if own is None else ("seeded", i)
+            groups.setdefault(key, (sequence.sampling, self.generator if own is None else own, []))[2].append(i)
+        return list(groups.values())
+
+    def _top_logprobs(self, batch: List[Sequence], logits: torch.Tensor) -> Dict[int, List[Tuple[int, float]]]:
+        """Each asking row's k most likely (token, log-probability), from the model's own logits."""
+        asking = [i for i, s in enumerate(batch) if s.sampling.top_logprobs]
+        if not asking:
+            return {}
+        k = min(max(batch[i].sampling.top_logprobs for i in asking), logits.shape[-1])
+        values, ids = top_logprobs(logits[self._index(asking)], k)
+        tops = {}
+        for i, row_ids, row_values in zip(asking, ids.tolist(), values.tolist()):
+            n = batch[i].sampling.top_logprobs
+            tops[i] = list(zip(row_ids[:n], row_values[:n]))
+        return tops
 
     def _index(self, indices: List[int]) -> torch.Tensor:
         return torch.tensor(indices, dtype=torch.long, device=self.device)
 
     def _release(self, sequence: Sequence) -> None:
-        """Free a sequence's row: the last running row moves into it, so the rows in use stay the first ones."""
-        row = self.running.index(sequence)
-        last = self.running.pop()
+        """Free a decoding sequence's row: the last decoding row moves into it, so the decoding rows stay the first ones."""
+        row = self.decoding.index(sequence)
+        last = self.decoding.pop()
         if last is not sequence:
-            self.running[row] = last
+            self.decoding[row] = last
             self._move_row(last.row, row, len(last.tokens))
             last.row = row
         sequence.row = -1
+        self._forget(sequence)
+
+    def _drop_prefilling(self, sequence: Sequence) -> None:
+        """Free a prefilling sequence's row: the group's shorter prompts before it move up one row, so the rows still
+        inside their prompt stay contiguous and shortest first."""
+        j = self.prefilling.index(sequence)
+        for other in reversed(self.prefilling[:j]):
+            self._move_row(other.row, other.row + 1, self.prefill_pos)
+            other.row += 1
+        del self.prefilling[j]
+        self.prefill_row += 1
+        sequence.row = -1
+
+    def _forget(self, sequence: Sequence) -> None:
+        self._generators.pop(sequence, None)
+        self._counts.pop(sequence, None)
 
     def _move_row(self, src: int, dst: int, length: int) -> None:
         for layer in self.model.layers:
             cache = layer.attention.cache
             cache.k[dst, :, :length] = cache.k[src, :, :length]
             cache.v[dst, :, :length] = cache.v[src, :, :length]
-
-
-def _groups(batch: Seq[Sequence]) -> List[Tuple[Sampling, List[int]]]:
-    """Rows that sample alike, each group once: one draw from the generator per group and step."""
-    groups: Dict[Tuple[float, float], Tuple[Sampling, List[int]]] = {}
-    for i, sequence in enumerate(batch):
-        key = (sequence.sampling.temperature, sequence.sampling.top_p)
-        groups.setdefault(key, (sequence.sampling, []))[1].append(i)
-    return list(groups.values())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,21 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
         probs = torch.softmax(scaled, dim=-1)
         return sample_top_p(probs, top_p, generator).reshape(-1)
     return torch.argmax(logits, dim=-1)
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence_penalty: torch.Tensor, frequency_penalty: torch.Tensor) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: ``logits - presence * (counts > 0) - frequency * counts``.
+
+    logits, counts: (bsz, vocab_size), counts being how often each token was generated so far; penalties: (bsz,).
+    """
+    counts = counts.to(logits.dtype)
+    return logits - presence_penalty[:, None] * (counts > 0) - frequency_penalty[:, None] * counts
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of each row, most likely first: (bsz, vocab_size) -> log-probabilities and ids, each (bsz, k)."""
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    return values, ids
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llama.sampling import next_token, sample_top_p, token_logprobs
+from llama.sampling import apply_penalties, next_token, sample_top_p, token_logprobs, top_logprobs
 
 
 def test_top_p_never_samples_outside_the_nucleus() -> None:
@@ -53,3 +53,17 @@ def test_token_logprobs_score_targets_and_zero_padding() -> None:
     expected = torch.log_softmax(logits, dim=-1)
     assert torch.allclose(scores[0], expected[0, torch.arange(3), targets[0]])
     assert scores[1, 0] == expected[1, 0, 4] and scores[1, 1:].eq(0).all()
+
+
+def test_penalties_subtract_presence_once_and_frequency_per_occurrence() -> None:
+    logits = torch.zeros(2, 4)
+    counts = torch.tensor([[0, 1, 3, 0], [2, 0, 0, 1]])
+    got = apply_penalties(logits, counts, torch.tensor([0.5, 0.0]), torch.tensor([0.25, -1.0]))
+    assert torch.equal(got, torch.tensor([[0.0, -0.75, -1.25, 0.0], [2.0, 0.0, 0.0, 1.0]]))
+
+
+def test_top_logprobs_are_log_softmax_top_k_most_likely_first() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    values, ids = top_logprobs(logits, 2)
+    assert ids.tolist() == [[1, 2]]
+    assert torch.allclose(values, torch.log_softmax(logits, -1)[:, [1, 2]])
