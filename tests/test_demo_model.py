@@ -83,5 +83,6 @@ def test_greedy_continuation_is_the_trainers_and_english(demo: Llama, demo_dir: 
     vocabulary = set((demo_dir / "words.txt").read_text().split())
     known = [w for w in words if w.lower() in vocabulary]
     assert len(words) >= 10 and len(known) >= 0.8 * len(words), f"not English from the corpus: {generation!r}"
-    assert GREEDY_CONTINUATION == generation  # the text the README quotes
+    assert GREEDY_CONTINUATION == generation
+    assert f"> {PROMPT} {generation}\n" in (ROOT / "README.md").read_text()  # the README quotes it
 
