@@ -119,6 +119,16 @@ def test_example_streams_on_a_terminal_and_prints_the_same_text_as_when_piped() 
     assert piped.stdout.startswith("In the beginning\n> ") and piped.stdout.count("=" * 34) == 2
 
 
+def test_a_progress_bar_shows_while_weights_load_on_a_terminal_and_not_with_quiet() -> None:
+    args = [sys.executable, "example_text_completion.py", "--prompt", "A", "--max_gen_len", "2"]
+    shown = pexpect.spawn(args[0], args[1:], cwd=str(ROOT), env=ENV, encoding="utf-8", timeout=60)
+    shown.expect(pexpect.EOF)
+    assert "loading weights" in shown.before and " tensors" in shown.before
+    quiet = pexpect.spawn(args[0], [*args[1:], "--quiet"], cwd=str(ROOT), env=ENV, encoding="utf-8", timeout=60)
+    quiet.expect(pexpect.EOF)
+    assert "loading weights" not in quiet.before and quiet.before.startswith("A\r\n> ")
+
+
 def test_console_scripts_are_installed() -> None:
     for name in ("llama-chat", "llama-complete"):
         done = subprocess.run([str(BIN / name), "--help"], capture_output=True, text=True, timeout=60)

@@ -38,6 +38,13 @@ def test_text_completion_example(ckpt_dir: Path) -> None:
     assert "initializing" not in done.stdout + done.stderr  # fairscale's prints are kept out of a plain run
 
 
+def test_verbose_shows_what_a_plain_run_keeps_out_of_the_way(ckpt_dir: Path) -> None:
+    done = run([sys.executable, "example_text_completion.py", str(ckpt_dir), "--max_gen_len", "2", "--prompt", "A", "--verbose"])
+    assert done.returncode == 0, done.stderr
+    assert "fairscale: > initializing model parallel with size 1" in done.stderr and "process group: backend gloo" in done.stderr
+    assert done.stdout.startswith("A\n> ")
+
+
 def test_chat_completion_example(ckpt_dir: Path) -> None:
     done = run([sys.executable, "example_chat_completion.py", *checkpoint_args(ckpt_dir), "--max_gen_len", "8", "--dtype", "float32"])
     assert done.returncode == 0, done.stderr
