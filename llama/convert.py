@@ -21,6 +21,8 @@ from llama.checkpoint import (
 from llama.cli import positive_int
 from llama.errors import CheckpointError
 from llama.formats import HF, META, detect_format, hf, read_args, read_shards
+from llama.tokenizer import detect_format as detect_tokenizer
+from llama.tokenizer_tiktoken import PAT_STR, Llama3Tokenizer
 from llama.validation import to_int
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,42 @@ def convert(
         if (src_dir / name).is_file():
             with atomic_write(dst_dir / name) as tmp:
                 shutil.copyfile(src_dir / name, tmp)
+    meta_tokenizer = src_dir / "tokenizer.model"
+    if to == HF and not (src_dir / "tokenizer.json").is_file() and meta_tokenizer.is_file() and detect_tokenizer(meta_tokenizer) == "tiktoken":
+        _write_hf_tokenizer(meta_tokenizer, dst_dir)
     logger.info("wrote %s (%s format) into %s: %s", src_dir, to, dst_dir, ", ".join(p.name for p in written))
     return written
+
+
+def _write_hf_tokenizer(tiktoken_file: Path, dst_dir: Path) -> None:
+    """tokenizer.json, tokenizer_config.json and generation_config.json for Meta's Llama 3 tokenizer, so that
+    transformers' AutoTokenizer and generate() read the folder too (made by transformers' converter, if installed)."""
+    try:
+        from tokenizers import processors
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError:
+        logger.warning("transformers is not installed: %s holds Meta's tiktoken tokenizer.model but no tokenizer.json, "
+                       "which this package reads but transformers' AutoTokenizer does not", dst_dir)
+        return
+    tokenizer = Llama3Tokenizer(tiktoken_file)
+    specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.__getitem__)
+    backend = TikTokenConverter(vocab_file=str(tiktoken_file), pattern=PAT_STR, extra_special_tokens=specials).converted()
+    names = {token: name for name, token in tokenizer.special_tokens.items()}
+    bos = names[tokenizer.bos_id]  # added in front of each text, as the Hub's Llama 3 tokenizer.json does
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)]
+    )
+    with atomic_write(dst_dir / "tokenizer.json") as tmp:
+        backend.save(str(tmp))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names[tokenizer.bos_id], "eos_token": names[tokenizer.eos_id],
+        "clean_up_tokenization_spaces": False,  # decode as Meta's tokenizer does, spaces before punctuation kept
+        "model_input_names": ["input_ids", "attention_mask"],
+    }
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": sorted(tokenizer.stop_ids)}
+    for name, content in (("tokenizer_config.json", config), ("generation_config.json", generation)):
+        with atomic_write(dst_dir / name) as tmp:
+            tmp.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def _check_destination(dst_dir: Path, to: str) -> None:

@@ -306,3 +306,22 @@ def test_llama3_chat_stops_at_eot_and_never_shows_it(llama3_folders: Dict[str, P
     assert len(answer["logprobs"]) == len(answer["tokens"]) == len(drawn) - 1
     # The typed <|eot_id|> stayed text in the prompt: one <|eot_id|> per message, none more.
     assert generator.encode_dialog(dialog).count(eot) == 2
+
+
+def test_hf_output_of_a_llama3_checkpoint_has_a_tokenizer_transformers_reads(llama3_folders: Dict[str, Path]) -> None:
+    """Meta's tiktoken tokenizer.model is copied, and tokenizer.json beside it gives transformers the same ids."""
+    from transformers import AutoTokenizer
+
+    from llama.tokenizer import load_tokenizer
+    from llama.tokenizer_hf import HFTokenizer
+
+    folder = llama3_folders["hf"]
+    ours = load_tokenizer(folder / "tokenizer.model")
+    theirs = AutoTokenizer.from_pretrained(str(folder))
+    # (Not special-token text: transformers encodes "<|eot_id|>" typed in a text as the special token; we never do.)
+    for text in ["The llama 🦙 is", "  two  spaces , before . punctuation\n\n", "def f(x):\n\treturn x**2", "日本語  "]:
+        ids = ours.encode(text, bos=True, eos=False)
+        assert theirs(text).input_ids == ids
+        assert theirs.decode(ids[1:]) == text
+    from_json = load_tokenizer(folder / "tokenizer.json")
+    assert isinstance(from_json, HFTokenizer) and from_json.stop_ids == ours.stop_ids and from_json.family == "llama3"
