@@ -343,6 +343,17 @@ def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return _outside_compiled_graphs(_broadcast)(tokens)
 
 
+def broadcast_object(obj: object) -> object:
+    """Collective over the active model-parallel group: its first rank's ``obj`` (picklable) on every rank; the
+    others pass None. The server sends each step's new and cancelled sequences this way."""
+    group = active_group()
+    if group.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=group.ranks[0], group=group.handle)
+    return box[0]
+
+
 def _outside_compiled_graphs(collective: Callable) -> Callable:
     """The collective as it is, or, while torch.compile traces, run eagerly between two graphs: it talks to other
     processes (shared memory, sockets), which a graph cannot hold. (The model's layers skip it in a group of one.)"""

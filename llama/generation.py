@@ -158,7 +158,7 @@ class Llama:
         name: Callable[[int], str],
         stop: object = None,
         streaming: bool = False,
-    ) -> List["_Row"]:
+    ) -> List["Row"]:
         """One row per checked prompt, ready to run; ``name(i)`` says where prompt i came from, for errors."""
         max_gen_len = to_int("max_gen_len", max_gen_len, 0)
         temperature = to_float("temperature", temperature, 0.0, hint=" (0 is greedy)")
@@ -175,10 +175,10 @@ class Llama:
             if stop_strings or streaming:  # text as it grows costs a decode per token: only when asked for
                 stream = TextStream(self.tokenizer.decode, stop_strings, context=prompt if echo else ())
                 sequence.stop_check = stream
-            rows.append(_Row(len(rows), sequence, stream, echo))
+            rows.append(Row(len(rows), sequence, stream, echo))
         return rows
 
-    def _steps(self, rows: List["_Row"]) -> Iterator[List["_Row"]]:
+    def _steps(self, rows: List["Row"]) -> Iterator[List["Row"]]:
         """Run the rows on a fresh engine; after each step, the rows that got a token or finished."""
         by_sequence = {id(row.sequence): row for row in rows}
         runner = engine.Engine(self.model, self.tokenizer.stop_ids, self.generator, self._decode)
@@ -196,11 +196,11 @@ class Llama:
             n_tokens = sum(len(row.sequence.generated) for row in rows)
             logger.info("generated %d tokens in %.2f seconds (%.1f tokens/s)", n_tokens, seconds, n_tokens / max(seconds, 1e-9))
 
-    def _run_to_end(self, rows: List["_Row"]) -> None:
+    def _run_to_end(self, rows: List["Row"]) -> None:
         for _ in self._steps(rows):
             pass
 
-    def _stream(self, rows: List["_Row"], logprobs: bool) -> Iterator[StreamChunk]:
+    def _stream(self, rows: List["Row"], logprobs: bool) -> Iterator[StreamChunk]:
         """Chunks of new text per row, as the steps make it."""
         for stepped in self._steps(rows):
             for row in stepped:
@@ -282,7 +282,7 @@ class Llama:
     def _completion_rows(
         self, prompts: object, temperature: float, top_p: float, max_gen_len: Optional[int], logprobs: bool, echo: bool, stop: object,
         streaming: bool = False,
-    ) -> List["_Row"]:
+    ) -> List["Row"]:
         prompts = to_list("prompts", prompts)
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
@@ -346,7 +346,7 @@ class Llama:
     def _chat_rows(
         self, dialogs: object, temperature: float, top_p: float, max_gen_len: Optional[int], logprobs: bool, stop: object,
         streaming: bool = False,
-    ) -> List[Optional["_Row"]]:
+    ) -> List[Optional["Row"]]:
         """A row per dialog, None for one the chat format refuses."""
         dialogs = to_list("dialogs", dialogs)
         if dialogs and all(isinstance(m, dict) for m in dialogs):
@@ -358,7 +358,7 @@ class Llama:
         safe = [i for i, dialog in enumerate(dialogs) if not self.chat_format.refuses(dialog)]
         prompts = [self._encode_dialog(dialogs[i], f"dialogs[{i}]") for i in safe]
         name = lambda k: f"dialogs[{safe[k]}] (once encoded)"  # noqa: E731
-        rows: List[Optional[_Row]] = [None] * len(dialogs)
+        rows: List[Optional[Row]] = [None] * len(dialogs)
         for i, row in zip(safe, self._rows(prompts, max_gen_len, temperature, top_p, logprobs, False, name, stop, streaming)):
             row.index = i
             rows[i] = row
@@ -383,7 +383,7 @@ class Llama:
 
 
 @dataclasses.dataclass
-class _Row:
+class Row:
     """A sequence being generated for one prompt, with its text as it grows when streaming or stop strings need it."""
 
     index: int  # of its prompt or dialog in the call
