@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/bench_generate.py at its --quick tiny size: it runs, and its table has the promised shape."""
+"""Smoke test of benchmarks/bench_generate.py at its --quick tiny size: it runs, and its table has the promised shape.
+And benchmarks/bench_llamacpp.py's reading of llama-bench, against a stand-in script (nothing is built)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_generate_quick_table(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
     out = tmp_path / "table.md"
     command = [sys.executable, "benchmarks/bench_generate.py", "--quick", "--shapes", "S", "--dtypes", "float32,int4", "--batches", "1",
                "--reps", "1", "--new_tokens", "4", "--threads", "1", "--work_dir", str(tmp_path / "work"), "--out", str(out)]
@@ -42,3 +42,49 @@ def test_bench_generate_quick_table(tmp_path: Path) -> None:
     assert first["greedy_agree"] == 4 and not first["errors"]
     if not report["meta"]["build_options"]["quantize"]:
         assert body[-1][3].strip() == "n/a"
+
+
+# A stand-in llama-bench: answers only the two tests bench_llamacpp asks for, in llama-bench's JSON output.
+FAKE_LLAMA_BENCH = """#!{python}
+import json, sys
+argv = sys.argv[1:]
+arg = lambda flag, default: argv[argv.index(flag) + 1] if flag in argv else default
+test = (arg("-p", "512"), arg("-n", "128"), arg("-d", "0"), arg("-t", "?"), arg("-r", "5"), arg("-o", "md"))
+speeds = {{("128", "0", "0", "3", "1", "json"): 400.0, ("0", "128", "32", "3", "1", "json"): 50.0}}
+if test not in speeds:
+    sys.exit(f"unexpected test {{test}}")
+print(json.dumps([{{"build_commit": "abc", "build_number": 1, "n_prompt": int(test[0]), "n_gen": int(test[1]),
+                   "n_depth": int(test[2]), "avg_ts": speeds[test]}}]))
+"""
+
+
+def _bench_llamacpp():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_llamacpp
+    finally:
+        sys.path.pop(0)
+    return bench_llamacpp
+
+
+def test_bench_llamacpp_reads_llama_bench(tmp_path: Path) -> None:
+    """Decode is read from a run of 128 tokens after 32 of context, prefill from a run of 128 prompt tokens."""
+    bench_llamacpp = _bench_llamacpp()
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    result = bench_llamacpp.run_llama_bench(fake, tmp_path / "model.gguf", threads=3, new_tokens=128, timeout=60)
+    assert result["decode_tok_s"] == 50.0 and result["steps_s"] == 50.0
+    assert result["prefill_128_s"] == pytest.approx(128 / 400.0)
+    assert result["build"] == "abc (1)"
+    failed = bench_llamacpp.run_llama_bench(fake, tmp_path / "model.gguf", threads=3, new_tokens=64, timeout=60)
+    assert "unexpected test" in failed["error"]
+
+
+def test_bench_llamacpp_names_missing_tools(tmp_path: Path) -> None:
+    bench_llamacpp = _bench_llamacpp()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "llama-bench").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "llama-bench").chmod(0o755)
+    with pytest.raises(FileNotFoundError, match=r"--llama_cpp .*: no llama-quantize in it"):
+        bench_llamacpp.find_tools(tmp_path, tmp_path / "cache")
