@@ -5,7 +5,7 @@
 
 Starts ``python -m llama.server`` on a random checkpoint of the shape (benchmarks/_common.py: EOS never wins, so every
 request streams its full ``max_tokens``), then for each client count sends that many greedy streamed completions at
-once and reads them to the end. Aggregate tokens/s = all completion tokens / wall time from the first request to the
+once and reads them to the end; then a request with a long prompt joins 7 running streams. Aggregate tokens/s = all completion tokens / wall time from the first request to the
 last end; time to first token (TTFT) per request; inter-token latency (ITL) = the gaps between a stream's chunks
 after its first. A markdown table goes to stdout (and ``--out``). Run it on an otherwise idle machine.
 """
@@ -38,8 +38,9 @@ def free_port() -> int:
 
 def start_server(ckpt: Path, port: int, args: argparse.Namespace, max_batch_size: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "llama.server", "--ckpt_dir", str(ckpt), "--port", str(port), "--dtype", args.dtype,
-               "--device", "cpu", "--max_seq_len", str(args.prompt_words + args.max_tokens + 8), "--max_batch_size", str(max_batch_size),
-               "--max_queue", str(max_batch_size), "--quiet"]
+               "--device", "cpu", "--max_seq_len", str(max(args.prompt_words, args.newcomer_words) + 2 * args.max_tokens + 8),
+               "--max_batch_size", str(max(max_batch_size, 8)), "--max_queue", str(max_batch_size), "--prefill_chunk", str(args.prefill_chunk),
+               "--quiet"]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -61,8 +62,9 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> Non
     raise SystemExit(f"the server was not ready after {timeout} s")
 
 
-def one_stream(url: str, prompt: str, max_tokens: int) -> Tuple[float, float, List[float], int]:
-    """(start, first content chunk, every content chunk's time, completion tokens) of one streamed greedy completion."""
+def one_stream(url: str, prompt: str, max_tokens: int, started: Optional[threading.Event] = None) -> Tuple[float, float, List[float], int]:
+    """(start, first content chunk, every content chunk's time, completion tokens) of one streamed greedy completion;
+    ``started`` is set at its first content chunk."""
     import httpx
 
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
@@ -79,6 +81,8 @@ def one_stream(url: str, prompt: str, max_tokens: int) -> Tuple[float, float, Li
                 tokens = data["usage"]["completion_tokens"]
             elif data["choices"] and data["choices"][0]["text"]:
                 times.append(time.perf_counter())
+                if started is not None:
+                    started.set()
     if not times:
         raise RuntimeError(f"no text streamed for {prompt!r}")
     return start, times[0], times, tokens
@@ -116,6 +120,35 @@ def measure(url: str, clients: int, args: argparse.Namespace) -> Dict[str, float
     }
 
 
+def newcomer(url: str, args: argparse.Namespace, running: int = 7) -> str:
+    """A request with a long prompt joins ``running`` streams: its time to first token, and the longest pause of the
+    running streams while it is prefilled (chunked prefill keeps it near one step)."""
+    results: List[Optional[Tuple[float, float, List[float], int]]] = [None] * running
+    started = [threading.Event() for _ in range(running)]
+    prompts = [" ".join(f"w{(7 * i + j) % 400 + 3}" for j in range(args.prompt_words)) for i in range(running)]
+
+    def run(i: int) -> None:
+        results[i] = one_stream(url, prompts[i], 2 * args.max_tokens, started[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(running)]
+    for thread in threads:
+        thread.start()
+    for event in started:
+        event.wait(600)
+    time.sleep(1.0)  # a few steady steps first
+    long_prompt = " ".join(f"w{j % 400 + 3}" for j in range(args.newcomer_words))
+    start, first, _, _ = one_stream(url, long_prompt, 8)
+    for thread in threads:
+        thread.join()
+    done = [r for r in results if r is not None]
+    gaps = [b - a for r in done for a, b in zip(r[2], r[2][1:])]
+    during = [b - a for r in done for a, b in zip(r[2], r[2][1:]) if b > start and a < first]
+    streaming = sum(any(start < t < first for t in r[2]) for r in done)
+    return (f"A {args.newcomer_words}-token prompt joining {running} streams (prefill chunk {args.prefill_chunk}): first token after "
+            f"{(first - start) * 1e3:.0f} ms; meanwhile {streaming} of the {running} streams got tokens, their longest pause "
+            f"{max(during, default=0) * 1e3:.0f} ms (median inter-token latency {percentile(gaps, 0.5) * 1e3:.0f} ms).\n")
+
+
 def table(rows: List[Tuple[int, Dict[str, float]]], title: str) -> str:
     base = rows[0][1]["tokens_per_s"] if rows else float("nan")
     lines = [title, "", "| clients | tokens/s | x 1 client | TTFT p50 (ms) | TTFT p95 (ms) | ITL p50 (ms) | ITL p95 (ms) |",
@@ -136,10 +169,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: torch's)")
     parser.add_argument("--work_dir", type=Path, default=Path(tempfile.gettempdir()) / "llama-bench")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--newcomer_words", type=int, default=512, help="prompt length of the request that joins 7 streams")
+    parser.add_argument("--prefill_chunk", type=int, default=128, help="the server's --prefill_chunk")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 1 and 4 clients, 8 tokens: a smoke run")
     args = parser.parse_args()
     if args.quick:
-        args.clients, args.max_tokens, args.prompt_words = "1,4", 8, 8
+        args.clients, args.max_tokens, args.prompt_words, args.newcomer_words = "1,4", 8, 8, 32
     counts = [int(c) for c in args.clients.split(",")]
     ckpt = checkpoint_dir(args.work_dir, args.shape, args.quick) / "meta"
     port = free_port()
@@ -149,12 +184,13 @@ def main() -> None:
         wait_ready(url, server)
         one_stream(url, "w3 w4 w5", 4)  # warm-up: first-call costs stay out of the numbers
         rows = [(clients, measure(url, clients, args)) for clients in counts]
+        joining = newcomer(url, args)
     finally:
         server.terminate()
         server.wait(30)
     title = (f"Server, shape {args.shape}{' (quick)' if args.quick else ''}, {args.dtype}, {args.prompt_words}-token prompts, "
              f"{args.max_tokens} tokens each, greedy, max_batch_size {max(counts)}; {cpu_description()}")
-    text = table(rows, title)
+    text = table(rows, title) + "\n" + joining
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -105,8 +105,10 @@ class _Active:
 class Scheduler:
     """Runs the engine in its own thread; ``submit`` and ``cancel`` may be called from any thread."""
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int, prefill_chunk: Optional[int] = None) -> None:
+        """``prefill_chunk``: prompt tokens prefilled per step (the engine's default when None)."""
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
         self.llama: Optional[Llama] = None
         self.error: Optional[str] = None  # why it stopped serving, once it has
         self._cond = threading.Condition()
@@ -166,7 +168,7 @@ class Scheduler:
         """Serve until ``stop`` (rank 0) or rank 0's shutdown order (other ranks); on an error, fail every job and
         call ``on_fatal`` with the reason. Holds the Llama's lock throughout: it owns the KV caches."""
         with llama._lock, distributed.using(llama.group):
-            self._engine = _new_engine(llama)
+            self._engine = _new_engine(llama, self.prefill_chunk)
             self.llama = llama
             leader = llama.group.rank == 0
             try:
@@ -286,5 +288,5 @@ class Scheduler:
         on_fatal(message)
 
 
-def _new_engine(llama: Llama) -> engine.Engine:
-    return engine.Engine(llama.model, llama.tokenizer.stop_ids, llama.generator, llama._decode)
+def _new_engine(llama: Llama, prefill_chunk: Optional[int]) -> engine.Engine:
+    return engine.Engine(llama.model, llama.tokenizer.stop_ids, llama.generator, llama._decode, prefill_chunk)
