@@ -108,7 +108,7 @@ def worker_ours(spec: Dict[str, Any]) -> Dict[str, Any]:
     if spec["quantize"]:
         kwargs["quantize"] = spec["quantize"]
     if spec["compile"]:
-        kwargs["compile"] = True
+        kwargs["compile"] = spec.get("compile_mode", True)
     max_seq_len = PROMPT_LENS[-1] + spec["new_tokens"]
     start = time.perf_counter()
     llama = Llama.build(str(meta), str(meta / "tokenizer.model"), max_seq_len, spec["batch"], **kwargs)
@@ -174,12 +174,17 @@ def build_options() -> Dict[str, bool]:
     return {name: name in parameters for name in ("quantize", "compile")}
 
 
-def ours_variants(dtype: str, options: Dict[str, bool]) -> List[Dict[str, Any]]:
-    """Our runs of one table dtype: eager, then compiled where supported; none for int8/int4 without quantize=."""
+def ours_variants(dtype: str, options: Dict[str, bool], compile_mode: str = "default") -> List[Dict[str, Any]]:
+    """Our runs of one table dtype: eager, then compiled (in compile_mode) where supported; none for int8/int4 without quantize=."""
     if dtype in QUANTIZED and not options["quantize"]:
         return []
     base = {"float_dtype": REFERENCE_DTYPE if dtype in QUANTIZED else dtype, "quantize": dtype if dtype in QUANTIZED else None}
-    return [{**base, "compile": False}] + ([{**base, "compile": True}] if options["compile"] else [])
+    compiled = {**base, "compile": True, "compile_mode": compile_mode}
+    return [{**base, "compile": False}] + ([compiled] if options["compile"] else [])
+
+
+def compiled_label(compile_mode: str) -> str:
+    return " compiled" + ("" if compile_mode == "default" else f" ({compile_mode})")
 
 
 def reference_dtype(dtype: str) -> str:
@@ -193,7 +198,7 @@ def schedule(cli: argparse.Namespace, options: Dict[str, bool]) -> List[Job]:
     for shape, batch in itertools.product(cli.shapes, cli.batches):
         theirs_done = set()
         for dtype in cli.dtypes:
-            for variant in ours_variants(dtype, options):
+            for variant in ours_variants(dtype, options, cli.compile_mode):
                 jobs.append((("ours", shape, batch, dtype, variant["compile"]), variant))
                 ref = reference_dtype(dtype)
                 if ref not in theirs_done:
@@ -283,9 +288,9 @@ def table(results: Dict[Key, List[Dict[str, Any]]], cli: argparse.Namespace, opt
     notes, rows = [], []
     for shape, dtype, batch in itertools.product(cli.shapes, cli.dtypes, cli.batches):
         theirs = results.get(("transformers", shape, batch, reference_dtype(dtype), False), [])
-        for variant in ours_variants(dtype, options) or [None]:
+        for variant in ours_variants(dtype, options, cli.compile_mode) or [None]:
             compiled = bool(variant and variant["compile"])
-            label = dtype + (" compiled" if compiled else "") + (" (tf: bf16)" if dtype in QUANTIZED else "")
+            label = dtype + (compiled_label(cli.compile_mode) if compiled else "") + (" (tf: bf16)" if dtype in QUANTIZED else "")
             row: Dict[str, Any] = {"shape": shape, "dtype": dtype, "batch": batch, "compile": compiled, "supported": variant is not None}
             if variant is None:
                 lines.append(f"| {shape} | {label} | {batch} | " + " | ".join(["n/a"] * (len(COLUMNS) - 3)) + " |")
@@ -338,6 +343,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work_dir", type=Path, default=Path(tempfile.gettempdir()) / "llama-bench", help="cache of the checkpoints")
     parser.add_argument("--out", type=Path, help="write the table here, and every run's figures beside it with the suffix .json")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one worker may take")
+    parser.add_argument("--compile_mode", choices=("default", "max-autotune"), default="default",
+                        help="Llama.build's compile= of the compiled rows (default: default)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and one prefill timing per process: for the smoke test")
     cli = parser.parse_args()
     if cli.new_tokens < 2:

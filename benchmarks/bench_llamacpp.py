@@ -263,11 +263,11 @@ COLUMNS = ["shape", "precision (ours / llama.cpp)", "ours decode tok/s", "llama.
            "llama.cpp % of bound", "bound tok/s ours / llama.cpp", "prefill 128 tok/s ours / llama.cpp"]
 
 
-def ours_variants(precision: str, options: Dict[str, bool], compile_too: bool) -> List[Dict[str, Any]]:
-    """Our runs of one precision (bench_generate's: eager, and compiled where supported and asked for)."""
+def ours_variants(precision: str, options: Dict[str, bool], compile_mode: Optional[str]) -> List[Dict[str, Any]]:
+    """Our runs of one precision (bench_generate's: eager, and compiled in compile_mode where supported and asked for)."""
     float_dtype, quantize = PRECISIONS[precision][1:]
-    variants = bench_generate.ours_variants(quantize or float_dtype, options)
-    return [v for v in variants if compile_too or not v["compile"]]
+    variants = bench_generate.ours_variants(quantize or float_dtype, options, compile_mode or "default")
+    return [v for v in variants if compile_mode or not v["compile"]]
 
 
 def schedule(cli: argparse.Namespace, options: Dict[str, bool]) -> List[List[Tuple[Key, Dict[str, Any]]]]:
@@ -303,7 +303,7 @@ def table(results: Dict[Key, List[Dict[str, Any]]], cli: argparse.Namespace, opt
             theirs = bench_generate.medians(theirs_runs)
             for variant in ours_variants(precision, options, cli.compile) or [None]:
                 compiled = bool(variant and variant["compile"])
-                label = f"{precision}{' compiled' if compiled else ''} / {PRECISIONS[precision][0]}"
+                label = f"{precision}{bench_generate.compiled_label(cli.compile) if compiled else ''} / {PRECISIONS[precision][0]}"
                 if variant is None:
                     lines.append(f"| {shape} | {label} | n/a | {bench_generate.fmt(theirs['decode_tok_s'], 1)} | "
                                  + " | ".join(["-"] * (len(COLUMNS) - 4)) + " |")
@@ -335,7 +335,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=positive, default=2, help="threads of both sides (default 2)")
     parser.add_argument("--new_tokens", type=positive, default=128, help="tokens decoded per run, at least 2")
     parser.add_argument("--inner", type=positive, default=3, help="our prefill timings per process (median)")
-    parser.add_argument("--compile", action="store_true", help="also run ours with Llama.build(compile=True), where it exists")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=("default", "max-autotune"),
+                        help="also run ours with Llama.build(compile=MODE), where it exists (default mode: default)")
     parser.add_argument("--pure", action="store_true", help="llama-quantize --pure: every tensor in q8_0/q4_0 (default: "
                         "llama.cpp's own mix, which may keep output.weight at a higher precision)")
     parser.add_argument("--llama_cpp", type=Path, help="folder with llama-bench and llama-quantize (default: PATH, else built "

@@ -38,7 +38,7 @@ class CliArgs:
     device: Optional[str]
     dtype: Optional[str]
     quantize: Optional[str] = None
-    compile: bool = False
+    compile: Optional[str] = None  # None, "default" or "max-autotune"
     stop: Tuple[str, ...] = ()
     stream: Optional[bool] = None  # None: when printing to a terminal
     quiet: bool = False
@@ -175,7 +175,9 @@ def build_parser(
         help="float32, bfloat16 or float16 (also fp32, bf16, fp16, half) "
         "(default: the fastest the device computes well: bfloat16 on CUDA if supported, float16 on MPS)")
     add("--quantize", choices=("int8", "int4"), default=None, help="quantize the linear weights as they load")
-    add("--compile", action="store_true", help="run the decode step through torch.compile (pays off for long generations)")
+    add("--compile", nargs="?", const="default", default=None, choices=("default", "max-autotune"),
+        help="run the decode step through torch.compile (pays off for long generations); --compile max-autotune also "
+        "times inductor's own GEMM kernels at compile time (slower to compile, faster on CPUs with AMX)")
     add("--stop", action="append", default=[], metavar="TEXT", help="end an answer where its text reaches TEXT (repeatable)")
     add("--stream", action=argparse.BooleanOptionalAction, default=None,
         help="print text as it is generated (default: when printing to a terminal)")

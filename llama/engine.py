@@ -33,18 +33,36 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def compile_decode_step(model: Transformer) -> DecodeStep:
+COMPILE_MODES = ("default", "max-autotune")
+
+
+def compile_mode(value: object) -> Optional[str]:
+    """``Llama.build``'s ``compile`` as a mode of ``COMPILE_MODES``, or None: False/None is off, True is "default"."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ValueError(f"compile must be True, False or one of {', '.join(map(repr, COMPILE_MODES))}, got {value!r}")
+
+
+def compile_decode_step(model: Transformer, mode: str = "default") -> DecodeStep:
     """The decode step under ``torch.compile``: attention over the whole cache, masked per row, so that shapes
     never change but the batch size, which is compiled as dynamic. On a CPU inductor freezes the weights
-    (constant-folded and prepacked), the fastest its GEMMs run.
+    (constant-folded and prepacked), the fastest its GEMMs run; ``mode="max-autotune"`` also lets it pick, by
+    timing them at compile time, its own C++ GEMM kernels (AMX / AVX-512 micro-kernels, int8 weights included)
+    where they beat oneDNN's: slower to compile, faster on CPUs that have them (see the README).
     """
     max_seq_len = model.params.max_seq_len
 
     def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return model.forward(tokens, positions, kv_len=max_seq_len)[:, -1]
 
-    options = {"freezing": True} if model.output.weight.device.type == "cpu" else None
-    return torch.compile(step, dynamic=True, options=options)
+    options: Dict[str, object] = {"freezing": True} if model.output.weight.device.type == "cpu" else {}
+    if mode == "max-autotune":
+        options["max_autotune"] = True
+    return torch.compile(step, dynamic=True, options=options or None)
 
 
 @dataclasses.dataclass(frozen=True)

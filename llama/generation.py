@@ -50,7 +50,7 @@ class Llama:
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
         quantize: Optional[str] = None,
-        compile: bool = False,
+        compile: Union[bool, str] = False,
     ) -> "Llama":
         """Load a checkpoint folder (of any shard count) onto this process's model-parallel rank.
 
@@ -59,7 +59,8 @@ class Llama:
         ``cuda:LOCAL_RANK``, else ``mps``, else ``cpu``; ``dtype`` to the fastest the device computes well.
         ``quantize`` ("int8", "int4") quantizes the linear weights as they load; a checkpoint written by
         ``python -m llama.quantize`` loads quantized without it. ``compile`` runs the decode step through
-        ``torch.compile`` (compiled once, at the first generation; see the README for when it pays).
+        ``torch.compile`` (compiled once, at the first generation; True or "default", or "max-autotune", which
+        compiles slower and runs faster on CPUs with AMX; see the README for when each pays).
         """
         if ckpt_dir is None:
             ckpt_dir = demo_checkpoint()
@@ -70,7 +71,7 @@ class Llama:
         max_batch_size = to_int("max_batch_size", max_batch_size, 1)
         if model_parallel_size is not None:
             model_parallel_size = to_int("model_parallel_size", model_parallel_size, 1)
-        compile = to_bool("compile", compile)
+        compile = engine.compile_mode(compile)
         seed = to_int("seed", seed, -(2**63))
         if seed >= 2**64:
             raise InputError(f"seed must be below 2**64, got {seed}")
@@ -107,10 +108,10 @@ class Llama:
         tokenizer: BaseTokenizer,
         seed: int = 1,
         group: Optional[distributed.ModelParallelGroup] = None,
-        compile: bool = False,
+        compile: Union[bool, str, None] = False,
     ) -> None:
         """``group`` defaults to the model-parallel group set up last; ``build`` passes the one it set up for this model.
-        ``compile`` runs decode steps through ``torch.compile`` (compiled at the first step)."""
+        ``compile`` runs decode steps through ``torch.compile`` (compiled at the first step), as in ``build``."""
         self.model = model
         # Each Llama keeps its group, so building another of a different model-parallel size leaves this one working.
         self.group = distributed.active_group() if group is None else group
@@ -121,7 +122,8 @@ class Llama:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # The KV caches and the generator are shared state: calls from several threads run one at a time.
         self._lock = threading.RLock()
-        self._decode = engine.compile_decode_step(model) if compile else None
+        mode = engine.compile_mode(compile)
+        self._decode = None if mode is None else engine.compile_decode_step(model, mode)
 
     def generate(
         self,

@@ -125,9 +125,10 @@ def test_finish_reasons(generator: Llama, monkeypatch: pytest.MonkeyPatch) -> No
     assert full.finish_reason == "length" and full.generated == []
 
 
-def test_compiled_decode_step_equals_eager(ckpt_dir: Path, generator: Llama, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", [True, "max-autotune"])
+def test_compiled_decode_step_equals_eager(ckpt_dir: Path, generator: Llama, monkeypatch: pytest.MonkeyPatch, mode: object) -> None:
     """One compilation serves every batch size (rows leave as they finish); tokens and logprobs equal eager decoding."""
-    compiled = build(ckpt_dir, compile=True)
+    compiled = build(ckpt_dir, compile=mode)
     prompts = encode(generator, PROMPTS)
     free_run, _ = generator.generate(prompts, 10, temperature=0)
     monkeypatch.setattr(generator.tokenizer, "stop_ids", frozenset({free_run[0][2]}))  # row 0 leaves early: the batch shrinks
@@ -138,6 +139,12 @@ def test_compiled_decode_step_equals_eager(ckpt_dir: Path, generator: Llama, mon
     for g, w in zip(got[1], want[1]):
         assert g == pytest.approx(w, abs=1e-4)
     assert compiled.generate(prompts[:1], 10, temperature=0)[0] == generator.generate(prompts[:1], 10, temperature=0)[0]
+
+
+@pytest.mark.parametrize("mode", ["yes", 1, "reduce-overhead"])
+def test_compile_takes_a_bool_or_a_mode(ckpt_dir: Path, mode: object) -> None:
+    with pytest.raises(ValueError, match=r"compile must be True, False or one of 'default', 'max-autotune', got"):
+        build(ckpt_dir, compile=mode)
 
 
 def test_rows_that_sample_differently_share_a_batch(generator: Llama) -> None:

@@ -139,7 +139,7 @@ def test_newer_flags_parse(ckpt_dir: Path) -> None:
     args = cli.parse_args(chat_parser(), ["--stop", "\n\n", "--stop=END", "--no-stream", "--quiet", "--interactive", "--system", "Be brief",
                                          "--quantize", "int8", "--compile"])
     assert (args.stop, args.stream, args.quiet, args.interactive, args.system) == (("\n\n", "END"), False, True, True, "Be brief")
-    assert args.build_options()["quantize"] == "int8" and args.build_options()["compile"] is True
+    assert args.build_options()["quantize"] == "int8" and args.build_options()["compile"] == "default"
     assert cli.parse_args(text_parser(), ["--prompt", "A", "--prompt", "B", "--stream"]).prompt == ("A", "B")
 
 
