@@ -85,7 +85,9 @@ class Llama:
 
         error: Optional[BaseException] = None
         try:
-            model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, n_ranks, run_device, run_dtype, quantize)
+            model, tokenizer = load_model(
+                ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, n_ranks, run_device, run_dtype, quantize, compile is not None
+            )
         except Exception as e:  # every rank must learn of it, or the others wait for this one forever
             error = e
         distributed.raise_if_any_rank_failed(error, "loading the checkpoint", run_device)

@@ -23,7 +23,7 @@ from llama.tokenizer import Tokenizer, load_tokenizer
 
 def load_model(
     ckpt_dir: Path, tokenizer_path: Optional[Path], max_seq_len: int, max_batch_size: int, n_ranks: int, device: torch.device, dtype: torch.dtype,
-    quantize: Optional[str] = None,
+    quantize: Optional[str] = None, compiled: bool = False,
 ) -> Tuple[Transformer, Tokenizer]:
     """Tokenizer, params and this rank's weights, assigned into a model built on the meta device.
 
@@ -50,7 +50,7 @@ def load_model(
         )
     check_model_parallel_size(args, n_ranks)
     # The shards' tensors say how a checkpoint is quantized; params.json's field is enough for the memory estimate.
-    check_fits(args, n_ranks, dtype, device, str(params_path), quantize or kind_in_params(args.quantization_args))
+    check_fits(args, n_ranks, dtype, device, str(params_path), quantize or kind_in_params(args.quantization_args), compiled)
     rank = distributed.model_parallel_rank()
     # On a terminal, from rank 0, unless the summaries are off (--quiet).
     show = distributed.rank() == 0 and sys.stderr.isatty() and logging.getLogger("llama").isEnabledFor(logging.INFO)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -163,6 +164,21 @@ def test_kv_cache_that_cannot_fit_names_max_seq_len_before_allocating(ckpt_dir: 
     with pytest.raises(InputError, match=r"max_seq_len=100000 and max_batch_size=4096 need"):
         build(ckpt_dir, max_seq_len=100_000, max_batch_size=4096)
     assert time.monotonic() - start < 10
+
+
+def test_a_compiled_step_that_would_not_fit_beside_its_prepacked_weights_names_compile(
+    ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiled on a CPU, weights are held about three times: refused before loading where only one copy fits."""
+    from llama import memory
+
+    args = ModelArgs.from_params(json.loads((ckpt_dir / "params.json").read_text()), max_seq_len=64, max_batch_size=4)
+    args.vocab_size = 512
+    one_copy = memory.weight_bytes(args, 1, torch.float32) + memory.kv_cache_bytes(args, 1, torch.float32)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(one_copy * 1.5))
+    build(ckpt_dir)  # fits eager
+    with pytest.raises(InputError, match=r"compile=True on a CPU keeps prepacked copies of the weights .* pass compile=False"):
+        build(ckpt_dir, compile=True)
 
 
 def test_memory_estimate_of_llama_2_7b() -> None:
