@@ -15,7 +15,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
@@ -142,3 +142,11 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return math.nan
+
+
+def write_results(out: Optional[Path], text: str, meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
+    """Print the markdown table; with ``out``, write it there and every row's figures beside it (suffix .json)."""
+    print(text)
+    if out:
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

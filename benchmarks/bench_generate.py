@@ -388,12 +388,9 @@ def main() -> None:
               f"Random weights{' (quick: tiny shapes)' if cli.quick else ''}; greedy, {cli.new_tokens} new tokens after a "
               f"{PROMPT_LENS[0]}-token prompt, tok/s summed over the batch; medians of {cli.reps} fresh processes per side, alternating.")
     text, rows = table(results, cli, options, bandwidth, header)
-    print(text)
-    if cli.out:
-        cli.out.write_text(text)
-        meta = {"cpu": _common.cpu_description(), "threads": cli.threads, "torch": torch.__version__, "transformers": tf_version,
-                "bandwidth_bytes_s": bandwidth, "new_tokens": cli.new_tokens, "reps": cli.reps, "quick": cli.quick, "build_options": options}
-        cli.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    meta = {"cpu": _common.cpu_description(), "threads": cli.threads, "torch": torch.__version__, "transformers": tf_version,
+            "bandwidth_bytes_s": bandwidth, "new_tokens": cli.new_tokens, "reps": cli.reps, "quick": cli.quick, "build_options": options}
+    _common.write_results(cli.out, text, meta, rows)
 
 
 if __name__ == "__main__":

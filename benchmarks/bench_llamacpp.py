@@ -411,13 +411,10 @@ def main() -> None:
               f"{' --pure' if cli.pure else ''}; the bound is read bandwidth / bytes each side reads per token; medians of "
               f"{cli.reps} fresh processes per side, alternating.")
     text, rows = table(results, cli, options, bandwidth, header)
-    print(text)
-    if cli.out:
-        cli.out.write_text(text)
-        meta = {"cpu": _common.cpu_description(), "threads": cli.threads, "torch": torch.__version__, "llama_cpp_build": build,
-                "bandwidths_bytes_s": bandwidths, "new_tokens": cli.new_tokens, "reps": cli.reps, "pure": cli.pure,
-                "build_options": options, "gguf_decode_bytes": {f"{s} {k}": v for (s, k), v in gguf_bytes.items()}}
-        cli.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    meta = {"cpu": _common.cpu_description(), "threads": cli.threads, "torch": torch.__version__, "llama_cpp_build": build,
+            "bandwidths_bytes_s": bandwidths, "new_tokens": cli.new_tokens, "reps": cli.reps, "pure": cli.pure,
+            "build_options": options, "gguf_decode_bytes": {f"{s} {k}": v for (s, k), v in gguf_bytes.items()}}
+    _common.write_results(cli.out, text, meta, rows)
 
 
 if __name__ == "__main__":
