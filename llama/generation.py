@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -28,9 +27,10 @@ from llama.demo import demo_checkpoint
 from llama.memory import parameter_count, reuse_freed_memory
 from llama.model import Transformer
 from llama.quantize import check_kind
+from llama.rows import Row
 from llama.text_stream import StreamChunk, TextStream
 from llama.tokenizer import BaseTokenizer
-from llama.validation import batch_of_token_lists, to_bool, to_float, to_int, to_list, to_token_ids
+from llama.validation import batch_of_token_lists, to_bool, to_float, to_int, to_list, to_stop_strings, to_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +162,13 @@ class Llama:
         name: Callable[[int], str],
         stop: object = None,
         streaming: bool = False,
-    ) -> List["Row"]:
+    ) -> List[Row]:
         """One row per checked prompt, ready to run; ``name(i)`` says where prompt i came from, for errors."""
         max_gen_len = to_int("max_gen_len", max_gen_len, 0)
         temperature = to_float("temperature", temperature, 0.0, hint=" (0 is greedy)")
         top_p = to_float("top_p", top_p, 0.0, 1.0, above_minimum=True)
         logprobs, echo = to_bool("logprobs", logprobs), to_bool("echo", echo)
-        stop_strings = _stop_strings(stop)
+        stop_strings = to_stop_strings(stop)
         self._check_prompt_lengths(prompts, name)
         max_seq_len = self.model.params.max_seq_len
         sampling = engine.Sampling(temperature, top_p, logprobs)
@@ -182,7 +182,7 @@ class Llama:
             rows.append(Row(len(rows), sequence, stream, echo))
         return rows
 
-    def _steps(self, rows: List["Row"]) -> Iterator[List["Row"]]:
+    def _steps(self, rows: List[Row]) -> Iterator[List[Row]]:
         """Run the rows on a fresh engine; after each step, the rows that got a token or finished."""
         by_sequence = {id(row.sequence): row for row in rows}
         runner = engine.Engine(self.model, self.tokenizer.stop_ids, self.generator, self._decode)
@@ -200,11 +200,11 @@ class Llama:
             n_tokens = sum(len(row.sequence.generated) for row in rows)
             logger.info("generated %d tokens in %.2f seconds (%.1f tokens/s)", n_tokens, seconds, n_tokens / max(seconds, 1e-9))
 
-    def _run_to_end(self, rows: List["Row"]) -> None:
+    def _run_to_end(self, rows: List[Row]) -> None:
         for _ in self._steps(rows):
             pass
 
-    def _stream(self, rows: List["Row"], logprobs: bool) -> Iterator[StreamChunk]:
+    def _stream(self, rows: List[Row], logprobs: bool) -> Iterator[StreamChunk]:
         """Chunks of new text per row, as the steps make it."""
         for stepped in self._steps(rows):
             for row in stepped:
@@ -286,7 +286,7 @@ class Llama:
     def _completion_rows(
         self, prompts: object, temperature: float, top_p: float, max_gen_len: Optional[int], logprobs: bool, echo: bool, stop: object,
         streaming: bool = False,
-    ) -> List["Row"]:
+    ) -> List[Row]:
         prompts = to_list("prompts", prompts)
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
@@ -350,7 +350,7 @@ class Llama:
     def _chat_rows(
         self, dialogs: object, temperature: float, top_p: float, max_gen_len: Optional[int], logprobs: bool, stop: object,
         streaming: bool = False,
-    ) -> List[Optional["Row"]]:
+    ) -> List[Optional[Row]]:
         """A row per dialog, None for one the chat format refuses."""
         dialogs = to_list("dialogs", dialogs)
         if dialogs and all(isinstance(m, dict) for m in dialogs):
@@ -386,77 +386,12 @@ class Llama:
             raise InputError(f"{name}: {e}") from None
 
 
-@dataclasses.dataclass
-class Row:
-    """A sequence being generated for one prompt, with its text as it grows when streaming or stop strings need it."""
-
-    index: int  # of its prompt or dialog in the call
-    sequence: engine.Sequence
-    stream: Optional[TextStream]
-    echo: bool
-    prompt_sent: bool = False  # echo: the prompt went out with the first chunk
-
-    @property
-    def tokens(self) -> List[int]:
-        return self.sequence.tokens if self.echo else self.sequence.generated
-
-    @property
-    def logprobs(self) -> List[float]:
-        return self.sequence.logprobs if self.echo else self.sequence.logprobs[len(self.sequence.prompt) :]
-
-    def finish(self) -> None:
-        """After the last step: the stream's last text, and tokens cut to a stop string that only the end completed."""
-        if self.stream is not None and not self.stream.finished:
-            self.stream.finish()
-            if self.stream.stopped_at is not None and len(self.sequence.generated) > self.stream.stopped_at:
-                self.sequence.keep_generated(self.stream.stopped_at)
-                self.sequence.finish_reason = "stop"
-
-    def text(self, decode: Callable[[List[int]], str]) -> str:
-        """The generation's text: the tokens decoded, or the stream's text when a stop string cut it."""
-        if self.stream is None:
-            return decode(self.tokens)
-        return (decode(self.sequence.prompt) if self.echo else "") + self.stream.text
-
-    def chunk(self, logprobs: bool, decode: Callable[[List[int]], str]) -> Optional[StreamChunk]:
-        """The row's new text since its last chunk (the prompt first, with echo), or None when it has none and goes on."""
-        assert self.stream is not None
-        if self.sequence.finished:
-            self.finish()
-        prompt_len = len(self.sequence.prompt)
-        first = 0 if self.echo and not self.prompt_sent else prompt_len + self.stream.sent_tokens
-        text = (decode(self.sequence.prompt) if first == 0 else "") + self.stream.take()
-        finish_reason = self.sequence.finish_reason if self.stream.finished else None
-        if not text and finish_reason is None and first != 0:
-            return None
-        self.prompt_sent = True
-        chunk: StreamChunk = {"index": self.index, "text": text, "finish_reason": finish_reason}
-        if logprobs:
-            new = slice(first, prompt_len + self.stream.sent_tokens)
-            chunk["tokens"] = [decode([x]) for x in self.sequence.tokens[new]]
-            chunk["logprobs"] = self.sequence.logprobs[new]
-        return chunk
-
-
 def _count(n: int) -> str:
     """1234567 -> '1.2M'."""
     for size, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
         if n >= size:
             return f"{n / size:.1f}{suffix}"
     return str(n)
-
-
-def _stop_strings(stop: object) -> List[str]:
-    """``stop`` as a list of non-empty strings (None: none; one string: itself)."""
-    if stop is None:
-        return []
-    strings = [stop] if isinstance(stop, str) else to_list("stop", stop)
-    for i, s in enumerate(strings):
-        if not isinstance(s, str):
-            raise TypeError(f"stop[{i}] must be a str, got {type(s).__name__}: {s!r:.80}")
-        if not s:
-            raise InputError(f"stop[{i}] is an empty string, which would stop every row at once; remove it")
-    return strings
 
 
 def _read_once(value: object) -> object:

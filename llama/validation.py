@@ -117,3 +117,16 @@ def batch_of_token_lists(name: str, value: Any) -> Sequence[Any]:
     if batch and all(_is_number(t) for t in batch):
         raise TypeError(f"{name} must be a list of prompts, each a list of token ids; got one flat list of ints: wrap it as [tokens]")
     return batch
+
+
+def to_stop_strings(stop: object) -> List[str]:
+    """``stop`` as a list of non-empty strings (None: none; one string: itself)."""
+    if stop is None:
+        return []
+    strings = [stop] if isinstance(stop, str) else to_list("stop", stop)
+    for i, s in enumerate(strings):
+        if not isinstance(s, str):
+            raise TypeError(f"stop[{i}] must be a str, got {type(s).__name__}: {s!r:.80}")
+        if not s:
+            raise InputError(f"stop[{i}] is an empty string, which would stop every row at once; remove it")
+    return strings

@@ -16,7 +16,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from llama import distributed, engine
 from llama.errors import DistributedError
-from llama.generation import Llama, Row
+from llama.generation import Llama
+from llama.rows import Row
 from llama.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
