@@ -218,12 +218,12 @@ def swap_pairs(jobs: List[Job]) -> List[Job]:
     return swapped
 
 
-def run_worker(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
-    """Launch one worker; its figures, or {"error": ...} with its stderr's tail printed."""
+def run_worker(spec: Dict[str, Any], timeout: float, script: Path = Path(__file__).resolve()) -> Dict[str, Any]:
+    """Launch one worker (``script --worker SPEC``); its figures, or {"error": ...} with its stderr's tail printed."""
     threads = str(spec["threads"])
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    command = [sys.executable, str(script), "--worker", json.dumps(spec)]
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

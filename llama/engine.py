@@ -12,6 +12,11 @@ How the KV-cache rows are laid out (every forward reads a contiguous block of ro
   shortest prompt first: the rows still inside their prompt at any chunk are then the group's last ones, a
   contiguous block. A row whose prompt is done joins the decoding block (moved down to row len(decoding) when
   decoding rows left meanwhile); the rows in between are free.
+
+On CUDA (``overlap``) a decode step's tokens are read on the host one step late: step N+1 is launched with step N's
+tokens as they lie on the device, and only then are step N's copied tokens read, appended and checked for stops, so
+the GPU never waits for the host between steps. A row that step N finishes was given one more step, whose token is
+dropped; its KV write lands in its own row before anything else takes it (one stream).
 """
 
 from __future__ import annotations
@@ -52,15 +57,23 @@ def compile_decode_step(model: Transformer, mode: str = "default") -> DecodeStep
     never change but the batch size, which is compiled as dynamic. On a CPU inductor freezes the weights
     (constant-folded and prepacked), the fastest its GEMMs run; ``mode="max-autotune"`` also lets it pick, by
     timing them at compile time, its own C++ GEMM kernels (AMX / AVX-512 micro-kernels, int8 weights included)
-    where they beat oneDNN's: slower to compile, faster on CPUs that have them (see the README).
+    where they beat oneDNN's: slower to compile, faster on CPUs that have them (see the README). On one CUDA
+    device the step is replayed as a CUDA graph (one per batch size, recorded at its first step), which removes
+    the launch of each of its hundreds of kernels from every step; under model parallelism it is not, its
+    collectives running between graphs.
     """
     max_seq_len = model.params.max_seq_len
 
     def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return model.forward(tokens, positions, kv_len=max_seq_len)[:, -1]
 
-    compiled = torch.compile(step, dynamic=True, mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
-    if model.output.weight.device.type != "cpu":
+    device = model.output.weight.device
+    if device.type == "cuda" and distributed.active_group().size == 1:
+        torch_mode = "max-autotune" if mode == "max-autotune" else "reduce-overhead"
+    else:
+        torch_mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else None
+    compiled = torch.compile(step, dynamic=True, mode=torch_mode)
+    if device.type != "cpu":
         return compiled
 
     def frozen(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -151,6 +164,18 @@ class Sequence:
         del self.top_logprobs[n:]
 
 
+@dataclasses.dataclass(eq=False)
+class _Choice:
+    """One forward's chosen tokens for a batch of rows: on the device, and copied (or being copied) to the host."""
+
+    batch: List[Sequence]
+    chosen: torch.Tensor  # (bsz,) on the device
+    scored: List[int]  # rows whose host["scores"] holds their token's log-probability
+    asking: List[int]  # rows whose host["top_ids"], host["top_values"] hold their top log-probabilities
+    host: Dict[str, torch.Tensor]
+    copied: Optional[torch.cuda.Event]  # when the host copies are done; None when they already are
+
+
 class Engine:
     """Runs sequences on a model whose KV caches hold ``max_batch_size`` rows of ``max_seq_len`` positions.
 
@@ -165,9 +190,11 @@ class Engine:
         generator: Optional[torch.Generator] = None,
         decode: Optional[DecodeStep] = None,
         prefill_chunk: Optional[int] = None,
+        overlap: Optional[bool] = None,
     ) -> None:
         """``decode`` replaces the model's eager decode step (``compile_decode_step``); ``prefill_chunk``: prompt
-        positions prefilled per step (default ``PREFILL_CHUNK``)."""
+        positions prefilled per step (default ``PREFILL_CHUNK``); ``overlap``: read each decode step's tokens after
+        launching the next (default: on CUDA, where the device runs ahead of the host; see the module's docstring)."""
         prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive int, got {prefill_chunk!r}")
@@ -177,6 +204,7 @@ class Engine:
         self.generator = generator
         self.prefill_chunk = prefill_chunk
         self.device = model.output.weight.device
+        self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
         self.waiting: List[Sequence] = []  # queued, no row yet
         self.decoding: List[Sequence] = []  # decoding[i] owns KV-cache row i
         self.prefilling: List[Sequence] = []  # the joining group, shortest prompt first: prefilling[j] owns row prefill_row + j
@@ -184,6 +212,8 @@ class Engine:
         self.prefill_pos = 0  # prompt positions already in the caches of every prefilling row
         self._generators: Dict[Sequence, torch.Generator] = {}  # seeded sequences' own
         self._counts: Dict[Sequence, torch.Tensor] = {}  # penalized sequences' generated-token counts, (vocab,) float32
+        self._launched: Optional[_Choice] = None  # with overlap: the last decode step, its tokens not yet read
+        self._one = torch.ones(1, device=self.device)  # a count to add
 
     @property
     def max_batch_size(self) -> int:
@@ -219,6 +249,7 @@ class Engine:
         self._forget(sequence)
         if sequence.finish_reason is None:
             sequence.finish_reason = "cancelled"
+        self._drop_finished_launch()
 
     def run(self, sequences: Iterable[Sequence]) -> None:
         """Run sequences to the end, ``max_batch_size`` at a time; a finished one's row goes to the next waiting."""
@@ -236,22 +267,50 @@ class Engine:
         """
         if not self.prefilling and self.waiting and len(self.decoding) < self.max_batch_size:
             self._admit()
-        stepped = self._decode_step() if self.decoding else []
+        stepped: List[Sequence] = []
+        if self.decoding:
+            previous, self._launched = self._launched, self._launch_decode(self._launched)
+            if previous is not None:  # read while the step just launched runs
+                stepped = self._resolve(previous)
+            if not self.overlap and self._launched is not None:
+                stepped, self._launched = self._resolve(self._launched), None
         if self.prefilling:
             stepped += self._prefill_step()
+        self._drop_finished_launch()
         return stepped
 
-    def _decode_step(self) -> List[Sequence]:
+    def _launch_decode(self, previous: Optional[_Choice]) -> Optional[_Choice]:
+        """Launch one decode step for every decoding row; a row of ``previous`` (launched, not yet read) takes its
+        token from there on the device. None when every row is sure to end with ``previous`` (its length reached)."""
         batch = list(self.decoding)
-        last = torch.tensor([[s.tokens[-1]] for s in batch], dtype=torch.long, device=self.device)  # (bsz, 1)
-        positions = [len(s.tokens) - 1 for s in batch]
+        in_previous = {} if previous is None else {id(s): i for i, s in enumerate(previous.batch)}
+        if in_previous and all(id(s) in in_previous and len(s.tokens) + 1 >= s.max_len for s in batch):
+            return None
+        host_tokens, positions, chained = [], [], []  # chained: (row, index in previous) of the tokens still on the device
+        for row, sequence in enumerate(batch):
+            j = in_previous.get(id(sequence))
+            if j is None:  # its last token is on the host, at position len(tokens) - 1
+                host_tokens.append(sequence.tokens[-1])
+                positions.append(len(sequence.tokens) - 1)
+            else:  # its last token is previous's choice, one past the host's
+                host_tokens.append(0)
+                positions.append(len(sequence.tokens))
+                chained.append((row, j))
+        last = self._upload(host_tokens)  # (bsz,)
+        if chained:
+            assert previous is not None
+            rows, sources = zip(*chained)
+            if list(rows) == list(sources) == list(range(len(batch))) and len(previous.batch) == len(batch):
+                last = previous.chosen
+            else:
+                last[self._upload(list(rows))] = previous.chosen[self._upload(list(sources))]
+        last = last[:, None]  # (bsz, 1)
         if self.decode is not None:
-            logits = self.decode(last, self._index(positions))
+            logits = self.decode(last, self._upload(positions))
         else:  # eager: attention reads only the positions written so far
-            start = positions[0] if len(set(positions)) == 1 else self._index(positions)
+            start = positions[0] if len(set(positions)) == 1 else self._upload(positions)
             logits = self.model.forward(last, start, kv_len=max(positions) + 1)[:, -1]  # (bsz, vocab)
-        self._sample_and_append(batch, logits)
-        return batch
+        return self._choose_and_copy(batch, logits)
 
     def _admit(self) -> None:
         """Give as many waiting sequences as there are free rows the rows above the decoding ones, shortest prompt first."""
@@ -274,7 +333,7 @@ class Engine:
             chunk[i, : len(piece)] = torch.tensor(piece)
         ends = [min(length - start, width) - 1 for length in lengths]  # last prompt token in this chunk
         rows = slice(self.prefill_row, self.prefill_row + len(group))
-        last_logits = self._prefill(chunk.to(self.device), start, rows, self._index(ends))  # (n, vocab)
+        last_logits = self._prefill(self._upload(chunk), start, rows, self._upload(ends))  # (n, vocab)
         self.prefill_pos = start + width
         done = sum(1 for length in lengths if length <= self.prefill_pos)  # a prefix: shortest first
         finishing, self.prefilling = group[:done], group[done:]
@@ -287,7 +346,8 @@ class Engine:
             self.decoding.append(sequence)
         to_generate = [i for i, s in enumerate(finishing) if len(s.tokens) < s.max_len]
         if to_generate:
-            self._sample_and_append([finishing[i] for i in to_generate], last_logits[self._index(to_generate)])
+            batch = [finishing[i] for i in to_generate]
+            self._resolve(self._choose_and_copy(batch, last_logits[self._upload(to_generate)]))
         for sequence in finishing:
             if not sequence.finished and len(sequence.tokens) >= sequence.max_len:  # scored its prompt, nothing to generate
                 sequence.finish_reason = "length"
@@ -312,21 +372,55 @@ class Engine:
             targets = sequence.prompt[chunk_start + 1 : chunk_start + width + 1]
             if not targets:
                 continue
-            target = torch.tensor([targets], device=self.device)
+            target = self._upload([targets])
             scores = token_logprobs(logits[i : i + 1, : len(targets)], target, ignore_index=-1)[0].tolist()
             sequence.logprobs[chunk_start + 1 : chunk_start + 1 + len(scores)] = scores
 
-    def _sample_and_append(self, batch: List[Sequence], logits: torch.Tensor) -> None:
-        """Choose each row's next token, score it, and stop rows that end. logits: (bsz, vocab), the model's own."""
+    def _choose_and_copy(self, batch: List[Sequence], logits: torch.Tensor) -> _Choice:
+        """Choose each row's next token and score it on the device, and start copying both to the host.
+        logits: (bsz, vocab), the model's own."""
         chosen = distributed.broadcast_tokens(self._choose(batch, logits))
+        on_device: Dict[str, torch.Tensor] = {"chosen": chosen}
         scored = [i for i, s in enumerate(batch) if s.sampling.logprobs]
-        scores: Dict[int, float] = {}
         if scored:
-            rows = self._index(scored)
-            values = token_logprobs(logits[rows][:, None], chosen[rows][:, None], ignore_index=-1)[:, 0].tolist()
-            scores = dict(zip(scored, values))
-        tops = self._top_logprobs(batch, logits)
-        for i, (sequence, token) in enumerate(zip(batch, chosen.tolist())):
+            rows = self._upload(scored)
+            on_device["scores"] = token_logprobs(logits[rows][:, None], chosen[rows][:, None], ignore_index=-1)[:, 0]
+        asking = [i for i, s in enumerate(batch) if s.sampling.top_logprobs]
+        if asking:
+            k = min(max(batch[i].sampling.top_logprobs for i in asking), logits.shape[-1])
+            on_device["top_values"], on_device["top_ids"] = top_logprobs(logits[self._upload(asking)], k)
+        for i, sequence in enumerate(batch):
+            counts = self._counts.get(sequence)
+            if counts is not None:  # a stop token counted too is harmless: its row ends
+                counts.index_add_(0, chosen[i : i + 1], self._one)
+        return _Choice(batch, chosen, scored, asking, *self._copy_to_host(on_device))
+
+    def _copy_to_host(self, tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Optional[torch.cuda.Event]]:
+        """Start copying tensors to the host; with an event to wait on where the copy runs behind (CUDA)."""
+        if self.device.type != "cuda":
+            return {name: t.cpu() for name, t in tensors.items()}, None
+        host = {name: t.to("cpu", non_blocking=True) for name, t in tensors.items()}
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(self.device))  # the model's device, which need not be the current one
+        return host, copied
+
+    def _resolve(self, choice: _Choice) -> List[Sequence]:
+        """Read a launched choice on the host: append each row's token and score, and stop rows that end.
+        Rows finished meanwhile (cancelled, or ended by the step before) are skipped; returns the others."""
+        if choice.copied is not None:
+            choice.copied.synchronize()  # this choice's copy only, not the steps launched after it
+        host = choice.host
+        scores = dict(zip(choice.scored, host["scores"].tolist())) if choice.scored else {}
+        tops: Dict[int, List[Tuple[int, float]]] = {}
+        if choice.asking:
+            for i, row_ids, row_values in zip(choice.asking, host["top_ids"].tolist(), host["top_values"].tolist()):
+                n = choice.batch[i].sampling.top_logprobs
+                tops[i] = list(zip(row_ids[:n], row_values[:n]))
+        stepped = []
+        for i, (sequence, token) in enumerate(zip(choice.batch, host["chosen"].tolist())):
+            if sequence.finished:
+                continue
+            stepped.append(sequence)
             if token in self.stop_ids:
                 sequence.finish_reason = "stop"
                 continue
@@ -335,27 +429,30 @@ class Engine:
                 sequence.logprobs.append(scores[i])
             if i in tops:
                 sequence.top_logprobs.append(tops[i])
-            counts = self._counts.get(sequence)
-            if counts is not None:
-                counts[token] += 1
             keep = None if sequence.stop_check is None else sequence.stop_check(sequence.generated)
             if keep is not None:
                 sequence.keep_generated(keep)
                 sequence.finish_reason = "stop"
             elif len(sequence.tokens) >= sequence.max_len:
                 sequence.finish_reason = "length"
-        for sequence in [s for s in batch if s.finished]:
+        for sequence in [s for s in stepped if s.finished]:
             self._release(sequence)
+        return stepped
+
+    def _drop_finished_launch(self) -> None:
+        """Forget a launched step all of whose rows have ended: nothing is left to read from it."""
+        if self._launched is not None and all(s.finished for s in self._launched.batch):
+            self._launched = None
 
     def _choose(self, batch: List[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """(bsz,) next tokens: penalties applied where asked, then one draw per group of rows that sample alike
         (from the engine's generator), or per row for a seeded row (from its own)."""
         penalized = [i for i, s in enumerate(batch) if s in self._counts]
         if penalized:
-            rows = self._index(penalized)
+            rows = self._upload(penalized)
             counts = torch.stack([self._counts[batch[i]] for i in penalized])  # (n, vocab)
-            presence = torch.tensor([batch[i].sampling.presence_penalty for i in penalized], device=self.device)
-            frequency = torch.tensor([batch[i].sampling.frequency_penalty for i in penalized], device=self.device)
+            presence = self._upload([batch[i].sampling.presence_penalty for i in penalized], torch.float32)
+            frequency = self._upload([batch[i].sampling.frequency_penalty for i in penalized], torch.float32)
             logits = logits.clone()  # the scores stay the model's own
             logits[rows] = apply_penalties(logits[rows], counts, presence, frequency)
         groups = self._groups(batch)
@@ -364,7 +461,7 @@ class Engine:
             return next_token(logits, sampling.temperature, sampling.top_p, generator)
         chosen = torch.empty(len(batch), dtype=torch.long, device=self.device)
         for sampling, generator, index in groups:
-            rows = self._index(index)
+            rows = self._upload(index)
             chosen[rows] = next_token(logits[rows], sampling.temperature, sampling.top_p, generator)
         return chosen
 
@@ -377,21 +474,13 @@ class Engine:
             groups.setdefault(key, (sequence.sampling, self.generator if own is None else own, []))[2].append(i)
         return list(groups.values())
 
-    def _top_logprobs(self, batch: List[Sequence], logits: torch.Tensor) -> Dict[int, List[Tuple[int, float]]]:
-        """Each asking row's k most likely (token, log-probability), from the model's own logits."""
-        asking = [i for i, s in enumerate(batch) if s.sampling.top_logprobs]
-        if not asking:
-            return {}
-        k = min(max(batch[i].sampling.top_logprobs for i in asking), logits.shape[-1])
-        values, ids = top_logprobs(logits[self._index(asking)], k)
-        tops = {}
-        for i, row_ids, row_values in zip(asking, ids.tolist(), values.tolist()):
-            n = batch[i].sampling.top_logprobs
-            tops[i] = list(zip(row_ids[:n], row_values[:n]))
-        return tops
-
-    def _index(self, indices: List[int]) -> torch.Tensor:
-        return torch.tensor(indices, dtype=torch.long, device=self.device)
+    def _upload(self, values: object, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """Numbers (a list, nested lists or a CPU tensor) as a tensor on the device. On CUDA the copy goes from pinned
+        memory, so the host does not wait for the device's queued work, as a copy from pageable memory does."""
+        tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _release(self, sequence: Sequence) -> None:
         """Free a decoding sequence's row: the last decoding row moves into it, so the decoding rows stay the first ones."""

@@ -7,6 +7,7 @@ embedding by vocabulary instead; ``llama.checkpoint`` re-cuts it on loading).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -22,6 +23,14 @@ from llama.parallel_layers import ColumnParallelLinear, ParallelEmbedding, RowPa
 Positions = Union[int, torch.Tensor]
 
 _rms_norm = getattr(F, "rms_norm", None)
+try:  # torch 2.3+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # Every backend but cuDNN's, which builds a plan for each new shape (~40 ms on an H100): each new KV length of an
+    # eager decode step would pay it. Compiled steps attend over the whole cache, one shape, and keep every backend.
+    _EAGER_CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+except ImportError:
+    sdpa_kernel = None
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
@@ -220,8 +229,10 @@ class Transformer(nn.Module):
         rows = slice(0, bsz) if rows is None else rows
         step = self._step(tokens, start_pos, rows, kv_len)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, step)
+        eager_cuda = tokens.device.type == "cuda" and sdpa_kernel is not None and not _is_compiling()
+        with sdpa_kernel(_EAGER_CUDA_ATTENTION) if eager_cuda else contextlib.nullcontext():
+            for layer in self.layers:
+                h = layer(h, step)
         if logits_at is not None:
             h = h[torch.arange(bsz, device=h.device), logits_at][:, None]  # (bsz, 1, dim)
         elif last_logits_only:

@@ -16,10 +16,19 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     # A token stays when the mass before it is at most p, so the first token always stays.
-    probs_sort[probs_sum - probs_sort > p] = 0.0
+    probs_sort.masked_fill_(probs_sum - probs_sort > p, 0.0)  # a mask, not boolean indexing, which waits for the device
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, next_token)
+    return torch.gather(probs_idx, -1, draw(probs_sort, generator))
+
+
+def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row of probs (bsz, vocab_size) -> (bsz, 1): ``torch.multinomial(probs, 1, generator=generator)``.
+
+    The same exponential race multinomial runs for one sample (the same draws from the generator, so the same
+    tokens), without its input check, which reads a value back from the device and so stalls every CUDA step.
+    """
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.argmax(probs / race, dim=-1, keepdim=True)
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -88,3 +88,22 @@ def test_bench_llamacpp_names_missing_tools(tmp_path: Path) -> None:
     (tmp_path / "bin" / "llama-bench").chmod(0o755)
     with pytest.raises(FileNotFoundError, match=r"--llama_cpp .*: no llama-quantize in it"):
         bench_llamacpp.find_tools(tmp_path, tmp_path / "cache")
+
+
+def test_bench_cuda_table_relates_each_variant_to_transformers() -> None:
+    """The GPU benchmark's table (its workers need CUDA): ratios to transformers' row and the share of the bound."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import argparse
+
+    import bench_cuda
+
+    def run(tok_s: float, tokens: list, weight_bytes: int = 0) -> dict:
+        batch = {"decode_tok_s": tok_s, "steps_s": tok_s, "prefill_32_s": 0.01, "prefill_128_s": 0.02, "ttft_s": 0.1, "tokens": tokens}
+        return {"batches": {"1": batch}, "peak_gpu_mb": 100.0, **({"weight_bytes": weight_bytes} if weight_bytes else {})}
+
+    results = {"ours": [run(300.0, [5, 6, 7], weight_bytes=10**9)], "transformers": [run(100.0, [5, 6, 9])], "ours compiled": [{"error": "boom"}]}
+    text = bench_cuda.table(results, argparse.Namespace(batches=[1], new_tokens=3), bandwidth=2e12)
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| 1 "))}
+    assert rows["ours"][2:5] == ["300", "3.00x", "15% (2000)"]
+    assert rows["transformers"][3] == "1.00x" and rows["transformers"][8] == "2/3"
+    assert rows["ours compiled"][2] == "-" and "- ours compiled: boom" in text
