@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import List
 
@@ -43,6 +44,25 @@ def test_compiled_decode_on_cuda_equals_eager(ckpt_dir: Path, generator: Llama) 
     eager, compiled = build(ckpt_dir, device="cuda"), build(ckpt_dir, device="cuda", compile=True)
     prompts = encode(generator, PROMPTS)
     assert compiled.generate(prompts, 10, temperature=0)[0] == eager.generate(prompts, 10, temperature=0)[0]
+
+
+def test_compiled_generation_in_another_thread_on_cuda(ckpt_dir: Path, generator: Llama) -> None:
+    """The server generates in a worker thread: CUDA graphs recorded in one thread give the same tokens in another."""
+    compiled = build(ckpt_dir, device="cuda", compile=True)
+    prompts = encode(generator, PROMPTS)
+    want = compiled.generate(prompts, 10, temperature=0)[0]
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["tokens"] = compiled.generate(prompts, 10, temperature=0)[0]
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert outcome.get("tokens") == want, outcome.get("error")
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
