@@ -311,13 +311,14 @@ for kind in ("int8", "int4"):
     build(sys.argv[1], kind)  # imports, the process group and first uses: left out of the measure
 growth = {}
 for kind in ("int8", "int4"):
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    rss_before = status("VmRSS")
-    llama = build(sys.argv[2], kind)
-    growth[kind] = status("VmHWM") - rss_before
-    del llama
+    for _ in range(2):  # the smaller of two: a busy machine (the whole suite running) once added 10% to one
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        rss_before = status("VmRSS")
+        llama = build(sys.argv[2], kind)
+        growth[kind] = min(growth.get(kind, float("inf")), status("VmHWM") - rss_before)
+        del llama
 print(json.dumps(growth))
 """
 
