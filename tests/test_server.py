@@ -115,6 +115,8 @@ PACED_SERVER = (
     "from llama import engine, generation\n"
     "step = engine.Engine.step\n"
     f"engine.Engine.step = lambda self: (time.sleep({STEP_DELAY_S}), step(self))[1]\n"
+    "init = engine.Engine.__init__\n"  # the overlapped engine, as on CUDA (test_server_distributed's server reads step by step)
+    "engine.Engine.__init__ = lambda self, *a, **k: init(self, *a, **{**k, 'overlap': True})\n"
     "build = generation.Llama.build\n"
     f"generation.Llama.build = lambda *a, **k: (time.sleep({LOAD_DELAY_S}), build(*a, **k))[1]\n"
     "from llama.server.__main__ import main\n"
