@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llama.sampling import apply_penalties, next_token, sample_top_p, token_logprobs, top_logprobs
+from llama.sampling import apply_penalties, draw, next_token, sample_top_p, token_logprobs, top_logprobs
 
 
 def test_top_p_never_samples_outside_the_nucleus() -> None:
@@ -67,3 +67,12 @@ def test_top_logprobs_are_log_softmax_top_k_most_likely_first() -> None:
     values, ids = top_logprobs(logits, 2)
     assert ids.tolist() == [[1, 2]]
     assert torch.allclose(values, torch.log_softmax(logits, -1)[:, [1, 2]])
+
+
+def test_draw_is_multinomial_without_its_device_read() -> None:
+    """``draw`` replaced ``torch.multinomial`` (whose input check stalls CUDA): the same tokens from the same generator state."""
+    probs = torch.softmax(torch.randn(6, 300, generator=torch.Generator().manual_seed(3)) * 4, dim=-1)
+    probs[:, 150:] = 0  # as after top-p
+    for seed in range(30):
+        want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(draw(probs, torch.Generator().manual_seed(seed)), want)
