@@ -34,8 +34,20 @@ from llama.sampling import apply_penalties, next_token, token_logprobs, top_logp
 PREFILL_CHUNK = 512  # default prompt positions per prefill forward: bounds activation and logits memory, and a step's time
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
-# (tokens (bsz, 1), positions (bsz,)) -> next-token logits (bsz, vocab): one decode step over the first bsz rows.
-DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (tokens (bsz, 1), positions (bsz,), kv_len) -> next-token logits (bsz, vocab): one decode step over the first bsz
+# rows, attending over cached positions [0, kv_len).
+DecodeStep = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+MIN_ATTENTION_SPAN = 256
+
+
+def attention_span(needed: int, max_seq_len: int) -> int:
+    """The KV length a compiled step attends over: the least power of two from MIN_ATTENTION_SPAN that covers
+    ``needed`` positions, at most max_seq_len. A few shapes (graphs) whatever the context, and a step reads at
+    most twice the cache it needs, not the whole cache."""
+    span = MIN_ATTENTION_SPAN
+    while span < needed:
+        span *= 2
+    return min(span, max_seq_len)
 
 
 COMPILE_MODES = ("default", "max-autotune")
@@ -53,8 +65,8 @@ def compile_mode(value: object) -> Optional[str]:
 
 
 def compile_decode_step(model: Transformer, mode: str = "default") -> DecodeStep:
-    """The decode step under ``torch.compile``: attention over the whole cache, masked per row, so that shapes
-    never change but the batch size, which is compiled as dynamic. On a CPU inductor freezes the weights
+    """The decode step under ``torch.compile``: attention over a span of the cache (``attention_span``), masked per
+    row, so that shapes change only with the batch size and the span, both compiled as dynamic. On a CPU inductor freezes the weights
     (constant-folded and prepacked), the fastest its GEMMs run; ``mode="max-autotune"`` also lets it pick, by
     timing them at compile time, its own C++ GEMM kernels (AMX / AVX-512 micro-kernels, int8 weights included)
     where they beat oneDNN's: slower to compile, faster on CPUs that have them (see the README). On one CUDA
@@ -62,10 +74,8 @@ def compile_decode_step(model: Transformer, mode: str = "default") -> DecodeStep
     the launch of each of its hundreds of kernels from every step; under model parallelism it is not, its
     collectives running between graphs.
     """
-    max_seq_len = model.params.max_seq_len
-
-    def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return model.forward(tokens, positions, kv_len=max_seq_len)[:, -1]
+    def step(tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return model.forward(tokens, positions, kv_len=kv_len)[:, -1]
 
     device = model.output.weight.device
     if device.type == "cuda" and distributed.active_group().size == 1:
@@ -76,11 +86,11 @@ def compile_decode_step(model: Transformer, mode: str = "default") -> DecodeStep
     if device.type != "cpu":
         return compiled
 
-    def frozen(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def frozen(tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         # Inductor reads `freezing` when it compiles, which is at the first call (and at any recompilation), not at
         # torch.compile(): passed there as an option it did not take effect (measured: no faster than eager).
         with torch._inductor.config.patch(freezing=True):
-            return compiled(tokens, positions)
+            return compiled(tokens, positions, kv_len)
 
     return frozen
 
@@ -306,7 +316,7 @@ class Engine:
                 last[self._upload(list(rows))] = previous.chosen[self._upload(list(sources))]
         last = last[:, None]  # (bsz, 1)
         if self.decode is not None:
-            logits = self.decode(last, self._upload(positions))
+            logits = self.decode(last, self._upload(positions), attention_span(max(positions) + 1, self.model.params.max_seq_len))
         else:  # eager: attention reads only the positions written so far
             start = positions[0] if len(set(positions)) == 1 else self._upload(positions)
             logits = self.model.forward(last, start, kv_len=max(positions) + 1)[:, -1]  # (bsz, vocab)

@@ -141,6 +141,22 @@ def test_compiled_decode_step_equals_eager(ckpt_dir: Path, generator: Llama, mon
     assert compiled.generate(prompts[:1], 10, temperature=0)[0] == generator.generate(prompts[:1], 10, temperature=0)[0]
 
 
+def test_compiled_step_attends_over_a_growing_span_without_recompiling(ckpt_dir: Path, generator: Llama) -> None:
+    """The compiled step reads a span of the cache that doubles as the context grows (256, then 512 positions), not
+    the whole cache: one compilation serves every span, and tokens and logprobs equal eager decoding across the change."""
+    eager, compiled = build(ckpt_dir, max_seq_len=600, max_batch_size=1), build(ckpt_dir, max_seq_len=600, max_batch_size=1, compile=True)
+    prompt = encode(generator, PROMPTS[:1])
+    for llama in (eager, compiled):
+        llama.tokenizer.stop_ids = frozenset()  # run the whole length
+    compiled.generate(prompt, 8, temperature=0)  # compiles, at span 256
+    want = eager.generate(prompt, 320, temperature=0, logprobs=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = compiled.generate(prompt, 320, temperature=0, logprobs=True)  # past 256 positions: span 512
+    assert got[0] == want[0]
+    assert got[1][0] == pytest.approx(want[1][0], abs=1e-4)
+    assert engine.attention_span(257, 600) == 512 and engine.attention_span(513, 600) == 600 and engine.attention_span(9, 64) == 64
+
+
 @pytest.mark.parametrize("mode", ["yes", 1, "reduce-overhead"])
 def test_compile_takes_a_bool_or_a_mode(ckpt_dir: Path, mode: object) -> None:
     with pytest.raises(ValueError, match=r"compile must be True, False or one of 'default', 'max-autotune', got"):
