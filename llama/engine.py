@@ -66,13 +66,13 @@ def compile_mode(value: object) -> Optional[str]:
 
 def compile_decode_step(model: Transformer, mode: str = "default") -> DecodeStep:
     """The decode step under ``torch.compile``: attention over a span of the cache (``attention_span``), masked per
-    row, so that shapes change only with the batch size and the span, both compiled as dynamic. On a CPU inductor freezes the weights
-    (constant-folded and prepacked), the fastest its GEMMs run; ``mode="max-autotune"`` also lets it pick, by
-    timing them at compile time, its own C++ GEMM kernels (AMX / AVX-512 micro-kernels, int8 weights included)
-    where they beat oneDNN's: slower to compile, faster on CPUs that have them (see the README). On one CUDA
-    device the step is replayed as a CUDA graph (one per batch size, recorded at its first step), which removes
-    the launch of each of its hundreds of kernels from every step; under model parallelism it is not, its
-    collectives running between graphs.
+    row, so that shapes change only with the batch size and the span, both compiled as dynamic. On a CPU inductor
+    freezes the weights (constant-folded and prepacked), the fastest its GEMMs run; ``mode="max-autotune"`` also
+    lets it pick, by timing them at compile time, its own C++ GEMM kernels (AMX / AVX-512 micro-kernels, int8
+    weights included) where they beat oneDNN's: slower to compile, faster on CPUs that have them (see the README).
+    On one CUDA device the step is replayed as a CUDA graph (one per batch size and span, recorded at its first
+    step), which removes the launch of each of its hundreds of kernels from every step; under model parallelism
+    it is not, its collectives running between graphs.
     """
     def step(tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         return model.forward(tokens, positions, kv_len=kv_len)[:, -1]
@@ -306,13 +306,13 @@ class Engine:
                 host_tokens.append(0)
                 positions.append(len(sequence.tokens))
                 chained.append((row, j))
-        last = self._upload(host_tokens)  # (bsz,)
-        if chained:
-            assert previous is not None
-            rows, sources = zip(*chained)
-            if list(rows) == list(sources) == list(range(len(batch))) and len(previous.batch) == len(batch):
-                last = previous.chosen
-            else:
+        if previous is not None and previous.batch == batch:  # the usual step: the same rows in the same order
+            last = previous.chosen
+        else:
+            last = self._upload(host_tokens)  # (bsz,)
+            if chained:
+                assert previous is not None
+                rows, sources = zip(*chained)
                 last[self._upload(list(rows))] = previous.chosen[self._upload(list(sources))]
         last = last[:, None]  # (bsz, 1)
         if self.decode is not None:
