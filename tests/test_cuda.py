@@ -65,6 +65,17 @@ def test_compiled_generation_in_another_thread_on_cuda(ckpt_dir: Path, generator
     assert outcome.get("tokens") == want, outcome.get("error")
 
 
+def test_eager_decode_on_cuda_leaves_out_cudnn_attention(ckpt_dir: Path, generator: Llama) -> None:
+    """cuDNN's attention builds a plan for each new shape (about 40 ms on an H100): eager decode steps, each at a new
+    KV length, must not use it."""
+    cuda = build(ckpt_dir, device="cuda", dtype=torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        cuda.generate(encode(generator, PROMPTS), 4, temperature=0)
+    names = {event.key for event in profile.key_averages()}
+    assert any("scaled_dot_product" in name for name in names), sorted(names)
+    assert not any("cudnn_attention" in name for name in names), sorted(n for n in names if "attention" in n)
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_on_cuda_equals_quantized_on_cpu(make_checkpoint, generator: Llama, kind: str) -> None:
     """CUDA dequantizes for each matmul, the CPU runs packed kernels: the same weights give the same logits."""
