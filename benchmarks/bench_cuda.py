@@ -84,9 +84,8 @@ def worker_transformers(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def measure_batches(generate: Callable[[List[List[int]], int], List[List[int]]], spec: Dict[str, Any]) -> Dict[str, Any]:
     per_batch = {}
-    for batch in spec["batches"]:
-        with torch.inference_mode():
-            per_batch[str(batch)] = bench_generate.measure(generate, {**spec, "batch": batch})
+    for batch in spec["batches"]:  # each side's generate sets its own no-grad or inference mode, as a user's call would
+        per_batch[str(batch)] = bench_generate.measure(generate, {**spec, "batch": batch})
     return {"batches": per_batch, "peak_gpu_mb": torch.cuda.max_memory_allocated() / 1e6}
 
 

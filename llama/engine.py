@@ -28,72 +28,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence as Seq, Tu
 import torch
 
 from llama import distributed
+from llama.decode_step import DecodeStep, attention_span
 from llama.model import Transformer
 from llama.sampling import apply_penalties, next_token, token_logprobs, top_logprobs
 
 PREFILL_CHUNK = 512  # default prompt positions per prefill forward: bounds activation and logits memory, and a step's time
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
-
-# (tokens (bsz, 1), positions (bsz,), kv_len) -> next-token logits (bsz, vocab): one decode step over the first bsz
-# rows, attending over cached positions [0, kv_len).
-DecodeStep = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-MIN_ATTENTION_SPAN = 256
-
-
-def attention_span(needed: int, max_seq_len: int) -> int:
-    """The KV length a compiled step attends over: the least power of two from MIN_ATTENTION_SPAN that covers
-    ``needed`` positions, at most max_seq_len. A few shapes (graphs) whatever the context, and a step reads at
-    most twice the cache it needs, not the whole cache."""
-    span = MIN_ATTENTION_SPAN
-    while span < needed:
-        span *= 2
-    return min(span, max_seq_len)
-
-
-COMPILE_MODES = ("default", "max-autotune")
-
-
-def compile_mode(value: object) -> Optional[str]:
-    """``Llama.build``'s ``compile`` as a mode of ``COMPILE_MODES``, or None: False/None is off, True is "default"."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return "default"
-    if isinstance(value, str) and value in COMPILE_MODES:
-        return value
-    raise ValueError(f"compile must be True, False or one of {', '.join(map(repr, COMPILE_MODES))}, got {value!r}")
-
-
-def compile_decode_step(model: Transformer, mode: str = "default") -> DecodeStep:
-    """The decode step under ``torch.compile``: attention over a span of the cache (``attention_span``), masked per
-    row, so that shapes change only with the batch size and the span, both compiled as dynamic. On a CPU inductor
-    freezes the weights (constant-folded and prepacked), the fastest its GEMMs run; ``mode="max-autotune"`` also
-    lets it pick, by timing them at compile time, its own C++ GEMM kernels (AMX / AVX-512 micro-kernels, int8
-    weights included) where they beat oneDNN's: slower to compile, faster on CPUs that have them (see the README).
-    On one CUDA device the step is replayed as a CUDA graph (one per batch size and span, recorded at its first
-    step), which removes the launch of each of its hundreds of kernels from every step; under model parallelism
-    it is not, its collectives running between graphs.
-    """
-    def step(tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        return model.forward(tokens, positions, kv_len=kv_len)[:, -1]
-
-    device = model.output.weight.device
-    if device.type == "cuda" and distributed.active_group().size == 1:
-        torch_mode = "max-autotune" if mode == "max-autotune" else "reduce-overhead"
-    else:
-        torch_mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else None
-    compiled = torch.compile(step, dynamic=True, mode=torch_mode)
-    if device.type != "cpu":
-        return compiled
-
-    def frozen(tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        # Inductor reads `freezing` when it compiles, which is at the first call (and at any recompilation), not at
-        # torch.compile(): passed there as an option it did not take effect (measured: no faster than eager).
-        with torch._inductor.config.patch(freezing=True):
-            return compiled(tokens, positions, kv_len)
-
-    return frozen
-
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -293,34 +233,30 @@ class Engine:
         """Launch one decode step for every decoding row; a row of ``previous`` (launched, not yet read) takes its
         token from there on the device. None when every row is sure to end with ``previous`` (its length reached)."""
         batch = list(self.decoding)
-        in_previous = {} if previous is None else {id(s): i for i, s in enumerate(previous.batch)}
-        if in_previous and all(id(s) in in_previous and len(s.tokens) + 1 >= s.max_len for s in batch):
+        chained = {} if previous is None else {id(s): i for i, s in enumerate(previous.batch)}  # last token still on the device
+        if chained and all(id(s) in chained and len(s.tokens) + 1 >= s.max_len for s in batch):
             return None
-        host_tokens, positions, chained = [], [], []  # chained: (row, index in previous) of the tokens still on the device
-        for row, sequence in enumerate(batch):
-            j = in_previous.get(id(sequence))
-            if j is None:  # its last token is on the host, at position len(tokens) - 1
-                host_tokens.append(sequence.tokens[-1])
-                positions.append(len(sequence.tokens) - 1)
-            else:  # its last token is previous's choice, one past the host's
-                host_tokens.append(0)
-                positions.append(len(sequence.tokens))
-                chained.append((row, j))
-        if previous is not None and previous.batch == batch:  # the usual step: the same rows in the same order
-            last = previous.chosen
-        else:
-            last = self._upload(host_tokens)  # (bsz,)
-            if chained:
-                assert previous is not None
-                rows, sources = zip(*chained)
-                last[self._upload(list(rows))] = previous.chosen[self._upload(list(sources))]
-        last = last[:, None]  # (bsz, 1)
+        # A chained row's last token is previous's choice, one past the host's tokens.
+        positions = [len(s.tokens) - (id(s) not in chained) for s in batch]
+        last = self._last_tokens(batch, previous, chained)[:, None]  # (bsz, 1)
         if self.decode is not None:
             logits = self.decode(last, self._upload(positions), attention_span(max(positions) + 1, self.model.params.max_seq_len))
         else:  # eager: attention reads only the positions written so far
             start = positions[0] if len(set(positions)) == 1 else self._upload(positions)
             logits = self.model.forward(last, start, kv_len=max(positions) + 1)[:, -1]  # (bsz, vocab)
         return self._choose_and_copy(batch, logits)
+
+    def _last_tokens(self, batch: List[Sequence], previous: Optional[_Choice], chained: Dict[int, int]) -> torch.Tensor:
+        """Each row's input token (bsz,) on the device: ``previous``'s choice for a chained row, else its last host token."""
+        if previous is not None and previous.batch == batch:  # the usual step: the same rows in the same order
+            return previous.chosen
+        last = self._upload([0 if id(s) in chained else s.tokens[-1] for s in batch])
+        pairs = [(row, chained[id(s)]) for row, s in enumerate(batch) if id(s) in chained]
+        if pairs:
+            assert previous is not None
+            rows, sources = zip(*pairs)
+            last[self._upload(list(rows))] = previous.chosen[self._upload(list(sources))]
+        return last
 
     def _admit(self) -> None:
         """Give as many waiting sequences as there are free rows the rows above the decoding ones, shortest prompt first."""

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from llama import devices, distributed, engine
+from llama import decode_step, devices, distributed, engine
 from llama.chat_format import (
     UNSAFE_ERROR,
     ChatPrediction,
@@ -71,7 +71,7 @@ class Llama:
         max_batch_size = to_int("max_batch_size", max_batch_size, 1)
         if model_parallel_size is not None:
             model_parallel_size = to_int("model_parallel_size", model_parallel_size, 1)
-        compile = engine.compile_mode(compile)
+        compile = decode_step.compile_mode(compile)
         seed = to_int("seed", seed, -(2**63))
         if seed >= 2**64:
             raise InputError(f"seed must be below 2**64, got {seed}")
@@ -124,8 +124,8 @@ class Llama:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # The KV caches and the generator are shared state: calls from several threads run one at a time.
         self._lock = threading.RLock()
-        mode = engine.compile_mode(compile)
-        self._decode = None if mode is None else engine.compile_decode_step(model, mode)
+        mode = decode_step.compile_mode(compile)
+        self._decode = None if mode is None else decode_step.compile_decode_step(model, mode)
 
     def generate(
         self,

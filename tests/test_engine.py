@@ -8,7 +8,7 @@ from typing import List
 import pytest
 import torch
 
-from llama import Llama, engine
+from llama import Llama, decode_step, engine
 from llama.engine import Engine, Sampling, Sequence
 from tests.conftest import build
 
@@ -154,7 +154,7 @@ def test_compiled_step_attends_over_a_growing_span_without_recompiling(ckpt_dir:
         got = compiled.generate(prompt, 320, temperature=0, logprobs=True)  # past 256 positions: span 512
     assert got[0] == want[0]
     assert got[1][0] == pytest.approx(want[1][0], abs=1e-4)
-    assert engine.attention_span(257, 600) == 512 and engine.attention_span(513, 600) == 600 and engine.attention_span(9, 64) == 64
+    assert decode_step.attention_span(257, 600) == 512 and decode_step.attention_span(513, 600) == 600 and decode_step.attention_span(9, 64) == 64
 
 
 @pytest.mark.parametrize("mode", ["yes", 1, "reduce-overhead"])

@@ -13,12 +13,7 @@ from llama import Llama
 from llama.engine import Engine, Sampling, Sequence
 from llama.model import Transformer
 from tests.conftest import build
-
-GREEDY = Sampling(temperature=0.0, top_p=1.0, logprobs=True)
-
-
-def encode(generator: Llama, text: str, bos: bool = True) -> List[int]:
-    return generator.tokenizer.encode(text, bos=bos, eos=False)
+from tests.test_engine_requests import GREEDY, encode
 
 
 def stop_after(n: int):
